@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import _hyper as H
 from . import critical_buffer as cb
-from ._rule import Rule
+from ._rule import Rule, in_parts
 
 
 class CriticalState(NamedTuple):
@@ -36,8 +36,9 @@ def critical_hypers(top_c: int, aggr: str) -> tuple[H.Hyper, ...]:
 class CriticalRule(Rule):
     """A base rule whose gradient is replaced by its critical-buffer aggregate.
 
-    Per step: ``nu`` from the raw gradients; ``x = buffer_input(g)``; ``a = aggregate(x)``;
-    offer ``x``; base step on ``a``; decay keys. With ``kappa == 0`` or ``topC == 0`` there is
+    Per step: ``nu`` from the raw gradients and the admission decided; then per leaf
+    ``x = buffer_input(g)``, ``a = aggregate(x)``, ``x`` written to its slot, base step on ``a``;
+    then the keys and counters, and key decay. With ``kappa == 0`` or ``topC == 0`` there is
     no buffer and the rule is its base rule exactly.
     """
 
@@ -71,15 +72,33 @@ class CriticalRule(Rule):
     def _base_hyper_after_buffer(self, hb):
         return hb
 
-    def _update(self, params, grads, state, idx, h, ctx):
+    def _update_all(self, params, grads, state, idx, h, ctx):
+        """nu and the admission over all present leaves, then ``_update_part`` over each of
+        ``ctx.parts`` (the element-wise work), then the keys and counters once, then key decay."""
         hb = self._base_hyper(h)
         if state.critical is None:
-            new_params, base = self.base._update(params, grads, state.base, idx, hb, ctx)
+
+            def base_update(params, grads, base, idx, h, ctx):
+                return self.base._update(params, grads, base, idx, hb, ctx)
+
+            new_params, base = in_parts(base_update, params, grads, state.base, idx, h, ctx)
             return new_params, CriticalState(base, None)
         crit = state.critical
-        nu = cb.priorities(crit, grads, ctx.segments)
+        decision = cb.decide(crit, idx, cb.priorities(crit, grads, ctx.segments), h["critical_test"], h["seed"])
+
+        def part_update(params, grads, both, idx, h, ctx):
+            new_params, base, crit = self._update_part(params, grads, both.base, both.critical, idx, decision, h, ctx)
+            return new_params, CriticalState(base, crit)
+
+        new_params, state = in_parts(part_update, params, grads, state, idx, h, ctx)
+        crit = cb.commit(state.critical, decision)
+        return new_params, CriticalState(state.base, cb.decay(crit, idx, h["decay"]))
+
+    def _update_part(self, params, grads, base, crit, idx, decision, h, ctx):
+        """The element-wise step of leaves idx given the offer's decision: (params, base, crit)."""
+        hb = self._base_hyper(h)
         x = self._buffer_input(params, grads, hb)
         a = cb.aggregate(crit, x, idx, h["kappa"], h["aggr"])
-        crit = cb.offer(crit, x, idx, nu, h["critical_test"], h["seed"], ctx.donate)
-        new_params, base = self.base._update(params, a, state.base, idx, self._base_hyper_after_buffer(hb), ctx)
-        return new_params, CriticalState(base, cb.decay(crit, idx, h["decay"]))
+        crit = cb.write(crit, x, idx, decision, ctx.donate)
+        new_params, base = self.base._update(params, a, base, idx, self._base_hyper_after_buffer(hb), ctx)
+        return new_params, base, crit

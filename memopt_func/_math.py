@@ -88,9 +88,20 @@ def ema(ms: TensorList, xs: TensorList, beta: Scalar, inplace: bool = False) -> 
     return list(torch._foreach_lerp(ms, xs, 1 - beta))
 
 
+def vector(value: Scalar, like: Tensor) -> Tensor:
+    """A float64 vector of like's shape and device holding value (a number or a 0-d tensor)."""
+    if isinstance(value, Tensor):
+        return value.to(device=like.device, dtype=torch.float64).expand(like.shape)
+    return torch.full(like.shape, value, dtype=torch.float64, device=like.device)
+
+
 def ema_sq(vs: TensorList, xs: TensorList, beta: Scalar, inplace: bool = False) -> list[Tensor]:
-    """beta * v + (1 - beta) * x * x."""
-    return add(scale(vs, beta, inplace), scale(torch._foreach_mul(xs, xs), 1 - beta), inplace)
+    """beta * v + (1 - beta) * x * x, as torch.optim computes it (``v * beta``, then ``addcmul``)."""
+    if isinstance(beta, Tensor):  # addcmul's weight must be a number
+        return add(scale(vs, beta, inplace), scale(torch._foreach_mul(xs, xs), 1 - beta), inplace)
+    out = scale(vs, beta, inplace)  # the state itself, or a fresh tensor: either may be written
+    torch._foreach_addcmul_(out, xs, xs, value=1 - beta)
+    return out
 
 
 def ema_mul_add(ms: TensorList, xs: TensorList, beta: Scalar | TensorList, inplace: bool = False) -> list[Tensor]:
@@ -107,13 +118,24 @@ def decoupled_decay(params: TensorList, lr: Scalar, weight_decay: Scalar, inplac
 def adam_denominator(vs: TensorList, b2: Scalar, t: Tensor, eps: Scalar) -> list[Tensor]:
     """sqrt(v) / sqrt(1 - b2**t) + eps, one bias correction per leaf (t is the leaves' step vector)."""
     bc2_sqrt = torch.sqrt(1 - b2**t)
-    return shift(torch._foreach_div(torch._foreach_sqrt(vs), per_leaf(bc2_sqrt, vs)), eps)
+    d = list(torch._foreach_sqrt(vs))  # fresh: the rest works in place on it
+    torch._foreach_div_(d, per_leaf(bc2_sqrt, vs))
+    torch._foreach_add_(d, _fit(d, eps))
+    return d
 
 
-def adam_step(num: TensorList, denom: TensorList, lr: Scalar, b1: Scalar, t: Tensor) -> list[Tensor]:
-    """(lr / (1 - b1**t)) * num / denom, the amount Adam subtracts from p."""
+def adam_direction(num: TensorList, denom: TensorList, lr: Scalar, b1: Scalar, t: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """(num / denom, -(lr / (1 - b1**t)) per leaf): Adam subtracts the step size times the first."""
     step_size = lr / (1 - b1**t)
-    return scale(torch._foreach_div(num, denom), per_leaf(step_size, num))
+    return list(torch._foreach_div(num, denom)), per_leaf(-step_size, num)
+
+
+def add_scaled(params: TensorList, direction: TensorList, scales: list[Tensor], inplace: bool = False) -> list[Tensor]:
+    """p + direction * scale, with one 0-d scale per leaf."""
+    if inplace:
+        torch._foreach_addcmul_(params, direction, scales)
+        return list(params)
+    return list(torch._foreach_addcmul(params, direction, scales))
 
 
 def amsgrad_max(vmax: TensorList, vs: TensorList, inplace: bool = False) -> list[Tensor]:

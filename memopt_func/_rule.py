@@ -22,6 +22,7 @@ class StepContext(NamedTuple):
 
     donate: bool
     segments: list[Segments | None] | None  # per present leaf, see Rule.step
+    parts: list[list[int]]  # positions among the present leaves, a run at a time, see Rule.step
 
 
 class Rule:
@@ -30,7 +31,8 @@ class Rule:
     Subclasses declare ``HYPERS`` and implement ``_init(leaves)`` and
     ``_update(params, grads, state, idx, h, ctx)`` over the leaves that have a gradient
     (``idx`` are their positions among all leaves; per-leaf state tuples are indexed by position;
-    ``ctx`` is the step's ``StepContext``).
+    ``ctx`` is the step's ``StepContext``). ``_update`` sees one of ``ctx.parts`` at a time; a rule
+    with group-wide work (the critical buffer's admission) overrides ``_update_all`` instead.
     """
 
     HYPERS: ClassVar[tuple[Hyper, ...]] = ()
@@ -79,6 +81,7 @@ class Rule:
         *,
         donate: bool = False,
         segments: Sequence[Segments | None] | None = None,
+        chunk_numel: int | None = None,
         **per_step: Any,
     ):
         """One update: returns ``(new_params, new_state)``; inputs are never mutated.
@@ -92,17 +95,26 @@ class Rule:
         ``segments`` (one entry per leaf, or None) says that a leaf is several tensors laid end to
         end, as runs ``((count, numel), ...)``: a synced critical buffer then takes its priority
         as the sum of the per-tensor norms, exactly as if the tensors were separate leaves.
+        ``chunk_numel`` runs the element-wise work over consecutive runs of leaves of about that
+        many elements, one run after the other (group-wide decisions such as a synced buffer's
+        admission are still made once): same numbers, but each run's working set stays in cache
+        on a CPU. None (the default, and what torch.compile wants) takes all leaves at once.
         """
         leaves, spec = _tree.flatten_params(params)
         gleaves = _tree.flatten_grads(grads, spec, leaves)
         _tree.check_state(state, leaves, type(self).__name__)
         h = self._resolve(per_step)
         segments = _tree.check_segments(segments, leaves)
+        check_chunk_numel(chunk_numel)
         idx = [i for i, g in enumerate(gleaves) if g is not None]
         if not idx:
             return params, state
-        ctx = StepContext(donate=donate, segments=_tree.take(segments, idx) if segments else None)
-        new_present, new_state = self._update(_tree.take(leaves, idx), _tree.take(gleaves, idx), state, idx, h, ctx)
+        ctx = StepContext(
+            donate=donate,
+            segments=_tree.take(segments, idx) if segments else None,
+            parts=_parts([leaves[i].numel() for i in idx], chunk_numel),
+        )
+        new_present, new_state = self._update_all(_tree.take(leaves, idx), _tree.take(gleaves, idx), state, idx, h, ctx)
         return _tree.unflatten(_tree.put(leaves, idx, new_present), spec), new_state
 
     def _resolve(self, per_step: dict[str, Any]) -> dict[str, Any]:
@@ -126,8 +138,48 @@ class Rule:
     def _init(self, leaves: list[Tensor]) -> NamedTuple:
         raise NotImplementedError
 
+    def _update_all(self, params, grads, state, idx, h, ctx: StepContext):
+        """``_update`` over each of ``ctx.parts`` in turn (rules with group-wide steps override this)."""
+        return in_parts(self._update, params, grads, state, idx, h, ctx)
+
     def _update(self, params, grads, state, idx, h, ctx: StepContext):
         raise NotImplementedError
+
+
+def check_chunk_numel(chunk_numel: Any) -> None:
+    if chunk_numel is not None and (isinstance(chunk_numel, bool) or not isinstance(chunk_numel, int) or chunk_numel < 1):
+        raise ValueError(f"invalid chunk_numel: {chunk_numel!r} (chunk_numel must be a positive int or None)")
+
+
+def _parts(numels: list[int], chunk_numel: int | None) -> list[list[int]]:
+    """Consecutive positions grouped into runs of at least chunk_numel elements (the last may be short)."""
+    if chunk_numel is None:
+        return [list(range(len(numels)))]
+    parts, run, size = [], [], 0
+    for j, n in enumerate(numels):
+        run.append(j)
+        size += n
+        if size >= chunk_numel:
+            parts.append(run)
+            run, size = [], 0
+    return parts + [run] if run else parts
+
+
+def in_parts(update, params, grads, state, idx, h, ctx: StepContext):
+    """``update(params, grads, state, idx, h, ctx)`` over each of ``ctx.parts``, threading the state."""
+    if len(ctx.parts) == 1:
+        return update(params, grads, state, idx, h, ctx)
+    new_params = list(params)
+    for part in ctx.parts:
+        sub = _tree.take(idx, part)
+        segments = _tree.take(ctx.segments, part) if ctx.segments else None
+        moved, state = update(
+            _tree.take(params, part), _tree.take(grads, part), state, sub, h,
+            ctx._replace(segments=segments, parts=[list(range(len(part)))]),
+        )
+        for j, p in zip(part, moved):
+            new_params[j] = p
+    return new_params, state
 
 
 def _per_step_value(hyper: Hyper, value: Any) -> Any:

@@ -9,18 +9,12 @@ From "Promoting Exploration in Memory-Augmented Adam using Critical Momenta" (TM
 
 from __future__ import annotations
 
-
 from . import _math as M
 from . import _tree
 from . import critical_buffer as cb
-from ._critical import CriticalRule, CriticalState, critical_hypers
+from ._critical import CriticalRule, critical_hypers
 from ._rule import advance
 from .adam import ADAM_HYPERS, AdamState, AdamW
-
-
-def _zero_where(conds, xs, inplace: bool = False):
-    """Per leaf: 0 where its 0-d condition holds, else x (written into x when inplace)."""
-    return [x.masked_fill_(c, 0.0) if inplace else x.masked_fill(c, 0.0) for c, x in zip(conds, xs)]
 
 
 class Adam_CM(CriticalRule):
@@ -29,32 +23,31 @@ class Adam_CM(CriticalRule):
     BASE = AdamW
     HYPERS = ADAM_HYPERS + critical_hypers(top_c=5, aggr="sum")
 
-    def _update(self, params, grads, state, idx, h, ctx):
-        if state.critical is None:
-            return super()._update(params, grads, state, idx, h, ctx)
+    def _update_part(self, params, grads, base, crit, idx, decision, h, ctx):
         lr, (b1, b2), eps, wd = h["lr"], h["betas"], h["eps"], h["weight_decay"]
-        base, crit = state.base, state.critical
         step = advance(base.step, idx)
         t = _tree.rows(step, idx)
         inplace = ctx.donate
         if not M.is_zero(wd):
             params = M.decoupled_decay(params, lr, wd, inplace)
-        nu = cb.priorities(crit, grads, ctx.segments)
-        seeding = cb.is_empty(crit, idx)
+        seeding_rows = cb.empty_rows(crit, idx)
+        seeding = M.per_leaf(seeding_rows)
         # m stays 0 through the seeding step
-        m = _zero_where(seeding, M.ema(_tree.take(base.exp_avg, idx), grads, b1, inplace), inplace)
-        ma = _zero_where(seeding, cb.aggregate(crit, m, idx, h["kappa"], h["aggr"]))
-        crit = cb.offer(crit, M.where(seeding, grads, m), idx, nu, h["critical_test"], h["seed"], ctx.donate)
+        m = [x.masked_fill_(c, 0.0) for c, x in zip(seeding, M.ema(_tree.take(base.exp_avg, idx), grads, b1, inplace))]
+        # m is 0 and the buffer empty on the seeding step, so its aggregate ma is 0 as well
+        ma = cb.aggregate(crit, m, idx, h["kappa"], h["aggr"])
+        crit = cb.write(crit, M.where(seeding, grads, m), idx, decision, inplace)
         v = M.ema_sq(_tree.take(base.exp_avg_sq, idx), ma, b2, inplace)
         vmax = M.amsgrad_max(_tree.take(base.max_exp_avg_sq, idx), v, inplace) if h["amsgrad"] else ()
+        # The seeding step moves p only by weight decay: its Adam step is 0 / (0 + 1), not
+        # 0 / (0 + eps), which is NaN where eps underflows (float16).
+        eps = M.per_leaf(M.vector(eps, seeding_rows).masked_fill(seeding_rows, 1.0), grads)
         denom = M.adam_denominator(vmax if h["amsgrad"] else v, b2, t, eps)
-        # The seeding step moves p only by weight decay: its Adam step is 0, not 0 / (0 + eps),
-        # which is NaN where eps underflows (float16).
-        new_params = M.sub(params, _zero_where(seeding, M.adam_step(ma, denom, lr, b1, t)), inplace)
+        new_params = M.add_scaled(params, *M.adam_direction(ma, denom, lr, b1, t), inplace)
         new_base = AdamState(
             step=step,
             exp_avg=_tree.put(base.exp_avg, idx, m),
             exp_avg_sq=_tree.put(base.exp_avg_sq, idx, v),
             max_exp_avg_sq=_tree.put(base.max_exp_avg_sq, idx, vmax) if h["amsgrad"] else (),
         )
-        return new_params, CriticalState(new_base, cb.decay(crit, idx, h["decay"]))
+        return new_params, new_base, crit

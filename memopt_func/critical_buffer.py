@@ -82,10 +82,15 @@ def priorities(state: CriticalBufferState, grads: Sequence[Tensor], segments=Non
     return torch.cat(parts).sum().reshape(1)
 
 
+def empty_rows(state: CriticalBufferState, idx: Sequence[int]) -> Tensor:
+    """[len(idx)] bool: each leaf's buffer has no filled slot yet (the seeding step)."""
+    empty = state.count == 0
+    return empty.expand(len(idx)) if _synced(state) else _tree.rows(empty, idx)
+
+
 def is_empty(state: CriticalBufferState, idx: Sequence[int]) -> list[Tensor]:
     """Per present leaf, a 0-d bool: its buffer has no filled slot yet (the seeding step)."""
-    empty = state.count == 0
-    return [empty[0]] * len(idx) if _synced(state) else M.per_leaf(_tree.rows(empty, idx))
+    return M.per_leaf(empty_rows(state, idx))
 
 
 def aggregate(state: CriticalBufferState, xs: Sequence[Tensor], idx: Sequence[int], kappa: float, aggr: str) -> list[Tensor]:
@@ -97,27 +102,33 @@ def aggregate(state: CriticalBufferState, xs: Sequence[Tensor], idx: Sequence[in
     count = count.expand(len(idx)) if _synced(state) else _tree.rows(count, idx)
     sums = _tree.take(state.buf_sum, idx)
     if aggr == "mean":
-        return M.scale(M.axpy(xs, kappa, sums), M.per_leaf(1.0 / (count + 1), xs))
-    mean = M.scale(sums, M.per_leaf(1.0 / count.clamp(min=1), sums))
+        out = list(torch._foreach_add(xs, sums, alpha=kappa))
+        torch._foreach_mul_(out, M.per_leaf(1.0 / (count + 1), xs))
+        return out
+    weight = M.per_leaf(kappa / count.clamp(min=1), sums)  # kappa * mean = buf_sum * weight
     if aggr == "sum":
-        return M.axpy(xs, kappa, mean)
-    return M.where(is_empty(state, idx), xs, M.scale(mean, kappa))
+        return list(torch._foreach_addcmul(xs, sums, weight))
+    return M.where(is_empty(state, idx), xs, M.scale(sums, weight))
 
 
-def offer(
-    state: CriticalBufferState,
-    xs: Sequence[Tensor],
-    idx: Sequence[int],
-    nu: Tensor,
-    critical_test: float = 0.0,
-    seed: int = 0,
-    donate: bool = False,
-) -> CriticalBufferState:
-    """Offer x (priority nu per moved row) to the buffers of leaves idx.
+class Decision(NamedTuple):
+    """An offer's outcome, decided once for the moved rows before any slot is written."""
+
+    moved: list[int]  # the key rows the step moves
+    keys: Tensor  # [R, C] the moved rows' keys after the offer
+    count: Tensor  # [R]
+    offers: Tensor  # [R]
+    accepted: Tensor  # [R]
+    leaf: dict[int, tuple[Tensor, Tensor, Tensor]]  # leaf index -> (slot [1], admitted, was full) 0-d
+
+
+def decide(
+    state: CriticalBufferState, idx: Sequence[int], nu: Tensor, critical_test: float = 0.0, seed: int = 0
+) -> Decision:
+    """Where an offer with priority nu (per moved row) to the leaves idx goes, and whether it is taken.
 
     Not full: the next empty slot takes it. Full: the slot of the smallest key (first on ties)
     takes it iff ``nu > key`` strictly, or a counter-based draw ``u < critical_test`` says so.
-    ``donate`` writes the slots into the given ``buf`` tensors instead of copies.
     """
     top_c = state.keys.shape[1]
     moved = moved_rows(state, idx)
@@ -133,32 +144,60 @@ def offer(
         stream = _tree.rows(torch.arange(state.keys.shape[0], device=keys.device), moved)
         admitted = admitted | (uniform(seed, offers, stream) < critical_test)
     new_key = torch.where(admitted, nu.to(keys.dtype), key_at_slot)
-    keys = keys.scatter(1, slot[:, None], new_key[:, None])
+    rows = [0] * len(idx) if _synced(state) else list(range(len(idx)))
+    return Decision(
+        moved=moved,
+        keys=keys.scatter(1, slot[:, None], new_key[:, None]),
+        count=count + (~full).to(torch.int64),
+        offers=offers + 1,
+        accepted=_tree.rows(state.accepted, moved) + admitted.to(torch.int64),
+        leaf={i: (slot[r].reshape(1), admitted[r], full[r]) for i, r in zip(idx, rows)},
+    )
 
-    leaf_rows = [0] * len(idx) if _synced(state) else list(range(len(idx)))
-    slots = [slot[r].reshape(1) for r in leaf_rows]
-    admits = [admitted[r] for r in leaf_rows]
-    fulls = [full[r] for r in leaf_rows]
+
+def write(
+    state: CriticalBufferState, xs: Sequence[Tensor], idx: Sequence[int], decision: Decision, donate: bool = False
+) -> CriticalBufferState:
+    """The slot writes of a decided offer of x to leaves idx (any subset of the decided leaves):
+    ``buf[slot] = x`` and ``buf_sum += x - buf[slot]`` where admitted. ``donate`` writes into the
+    given ``buf`` and ``buf_sum`` tensors instead of copies."""
     new_buf, new_sum = [], []
-    for x, i, s, adm, was_full in zip(xs, idx, slots, admits, fulls):
+    for x, i in zip(xs, idx):
+        s, adm, was_full = decision.leaf[i]
         buf, total = state.buf[i], state.buf_sum[i]
         old = buf.index_select(0, s)[0]
-        stored = x.to(buf.dtype)
-        value = torch.where(adm, stored, old)
-        replaced = torch.where(was_full, old.to(total.dtype), 0)  # an unfilled slot is never read
-        updated = total + (stored.to(total.dtype) - replaced)
-        new_sum.append(torch.where(adm, updated, total, out=total) if donate else torch.where(adm, updated, total))
+        value = torch.where(adm, x.to(buf.dtype), old)  # old again when refused: a write of no change
+        replaced = torch.where(was_full, old, 0)  # an unfilled slot is never read
+        # buf_sum + (x - replaced) when admitted; + 0 when refused (then the buffer is full)
+        change = value.to(total.dtype) - replaced.to(total.dtype)
+        new_sum.append(total.add_(change) if donate else total + change)
         new_buf.append(buf.index_put_((s,), value[None]) if donate else buf.index_put((s,), value[None]))
+    return state._replace(buf=_tree.put(state.buf, idx, new_buf), buf_sum=_tree.put(state.buf_sum, idx, new_sum))
 
-    admitted_i = admitted.to(torch.int64)
-    return CriticalBufferState(
-        keys=_tree.put_rows(state.keys, moved, keys),
-        count=_tree.put_rows(state.count, moved, count + (~full).to(torch.int64)),
-        offers=_tree.put_rows(state.offers, moved, offers + 1),
-        accepted=_tree.put_rows(state.accepted, moved, _tree.rows(state.accepted, moved) + admitted_i),
-        buf=_tree.put(state.buf, idx, new_buf),
-        buf_sum=_tree.put(state.buf_sum, idx, new_sum),
+
+def commit(state: CriticalBufferState, decision: Decision) -> CriticalBufferState:
+    """The decided keys and counters, once every slot of the offer is written."""
+    moved = decision.moved
+    return state._replace(
+        keys=_tree.put_rows(state.keys, moved, decision.keys),
+        count=_tree.put_rows(state.count, moved, decision.count),
+        offers=_tree.put_rows(state.offers, moved, decision.offers),
+        accepted=_tree.put_rows(state.accepted, moved, decision.accepted),
     )
+
+
+def offer(
+    state: CriticalBufferState,
+    xs: Sequence[Tensor],
+    idx: Sequence[int],
+    nu: Tensor,
+    critical_test: float = 0.0,
+    seed: int = 0,
+    donate: bool = False,
+) -> CriticalBufferState:
+    """Offer x (priority nu per moved row) to the buffers of leaves idx: ``decide``, ``write``, ``commit``."""
+    decision = decide(state, idx, nu, critical_test, seed)
+    return commit(write(state, xs, idx, decision, donate), decision)
 
 
 def decay(state: CriticalBufferState, idx: Sequence[int], factor: float | Tensor) -> CriticalBufferState:

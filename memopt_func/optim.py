@@ -83,6 +83,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
     """Base of the drop-in optimizers: a functional rule stepped over each param group."""
 
     RULE: type[Rule]
+    #: On a CPU, step the element-wise work over runs of parameters of about this many elements
+    #: at a time, so that each run's state stays in cache across the step's passes (None: all at once).
+    cpu_chunk_numel: int | None = 1 << 18
     # The published constructor's positional order; the rule's other hyperparameters follow.
     POSITIONAL: tuple[str, ...] = ()
 
@@ -190,7 +193,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
             rule = self._rule(group)
             state = self._group_state(group, rule)
             per_step = {name: group[name] for name in rule.dynamic_names()}
-            new_params, new_state = rule.step(list(params), grads, state, donate=True, **per_step)
+            chunk = self.cpu_chunk_numel if params[0].device.type == "cpu" else None
+            new_params, new_state = rule.step(list(params), grads, state, donate=True, chunk_numel=chunk, **per_step)
             moved = [i for i, g in enumerate(grads) if g is not None and new_params[i] is not params[i]]
             if moved:  # a donated step updates the parameters in place already
                 torch._foreach_copy_(_tree.take(params, moved), _tree.take(new_params, moved))
