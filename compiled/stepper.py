@@ -17,6 +17,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from memopt_func import critical_buffer as cb
 from memopt_func._rule import Rule
 from memopt_func._tree import check_state
 
@@ -47,6 +48,19 @@ def _map_state(state: NamedTuple, per_leaf, step) -> NamedTuple:
         return type(node)(**fields)
 
     return convert(state)
+
+
+def _map_buffers(state: NamedTuple, fn) -> NamedTuple:
+    """The state with every critical buffer state mapped by fn."""
+    fields = {}
+    for field in state._fields:
+        value = getattr(state, field)
+        if isinstance(value, cb.CriticalBufferState):
+            value = fn(value)
+        elif isinstance(value, tuple) and hasattr(value, "_fields"):
+            value = _map_buffers(value, fn)
+        fields[field] = value
+    return type(state)(**fields)
 
 
 def flat_state(state: NamedTuple, layout: FlatLayout) -> NamedTuple:
@@ -115,13 +129,15 @@ class Stepper:
             self._grads = [torch.zeros_like(f) for f in self._step_params]
             self._grad_views = self.layout.views(self._grads)
             self._segments = self.layout.runs
-            self.state = flat_state(state, self.layout)
+            state = flat_state(state, self.layout)
         else:
             self.layout = None
             self._step_params = [t.detach() for t in leaves]
             self._grads = None
             self._segments = None
-            self.state = state
+        # The stepped state keeps a sink row after each critical buffer's slots (see
+        # critical_buffer.write): the slot write then needs no temporary under Inductor.
+        self._step_state = _map_buffers(state, cb.with_sink)
         device = self._step_params[0].device
         self._hyper = {name: _as_tensor(rule.hyper[name], device) for name in rule.dynamic_names()}
         if cuda_graph is None:
@@ -144,6 +160,11 @@ class Stepper:
         if self.flat:
             return pytree.tree_unflatten(self.layout.views(self._step_params), self._spec)
         return pytree.tree_unflatten(self._leaves, self._spec)
+
+    @property
+    def state(self) -> NamedTuple:
+        """The live state, laid out as the rule's own (flat when flat): tensors the steps update."""
+        return _map_buffers(self._step_state, cb.without_sink)
 
     def per_tensor_state(self) -> NamedTuple:
         """The state as one entry per tensor (views into the flat state when flat)."""
@@ -215,7 +236,7 @@ class Stepper:
         if step_grads is None or all(g is None for g in step_grads):
             return
         if not self.cuda_graph:
-            self._fn(self._step_params, step_grads, self.state, self._hyper)
+            self._fn(self._step_params, step_grads, self._step_state, self._hyper)
             return
         self._step_cuda_graph(step_grads)
 
@@ -231,13 +252,13 @@ class Stepper:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._fn(self._step_params, grads, self.state, self._hyper)
+            self._fn(self._step_params, grads, self._step_state, self._hyper)
         torch.cuda.current_stream().wait_stream(stream)
         self._warmup_left -= 1
         if self._warmup_left == 0:
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):
-                self._fn(self._step_params, grads, self.state, self._hyper)
+                self._fn(self._step_params, grads, self._step_state, self._hyper)
 
 
 _stepper_ids = itertools.count()

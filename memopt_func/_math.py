@@ -124,18 +124,16 @@ def adam_denominator(vs: TensorList, b2: Scalar, t: Tensor, eps: Scalar) -> list
     return d
 
 
-def adam_direction(num: TensorList, denom: TensorList, lr: Scalar, b1: Scalar, t: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-    """(num / denom, -(lr / (1 - b1**t)) per leaf): Adam subtracts the step size times the first."""
-    step_size = lr / (1 - b1**t)
-    return list(torch._foreach_div(num, denom)), per_leaf(-step_size, num)
-
-
-def add_scaled(params: TensorList, direction: TensorList, scales: list[Tensor], inplace: bool = False) -> list[Tensor]:
-    """p + direction * scale, with one 0-d scale per leaf."""
+def adam_apply(
+    params: TensorList, num: TensorList, denom: list[Tensor], lr: Scalar, b1: Scalar, t: Tensor, inplace: bool = False
+) -> list[Tensor]:
+    """p - (lr / (1 - b1**t)) * num / denom, as ``p + num / (denom / -step_size)``: the step size
+    (per leaf, a device tensor) goes into ``denom``, a fresh temporary of ``adam_denominator``."""
+    torch._foreach_div_(denom, per_leaf(-(lr / (1 - b1**t)), num))
     if inplace:
-        torch._foreach_addcmul_(params, direction, scales)
+        torch._foreach_addcdiv_(params, num, denom)
         return list(params)
-    return list(torch._foreach_addcmul(params, direction, scales))
+    return list(torch._foreach_addcdiv(params, num, denom))
 
 
 def amsgrad_max(vmax: TensorList, vs: TensorList, inplace: bool = False) -> list[Tensor]:

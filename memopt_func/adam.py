@@ -61,7 +61,7 @@ def adam_update(params, grads, state: AdamState, idx, h, decoupled: bool, inplac
     if h["amsgrad"]:
         vmax = M.amsgrad_max(_tree.take(state.max_exp_avg_sq, idx), v, inplace)
     denom = M.adam_denominator(vmax if h["amsgrad"] else v, b2, t, eps)
-    new_params = M.add_scaled(params, *M.adam_direction(m, denom, lr, b1, t), inplace)
+    new_params = M.adam_apply(params, m, denom, lr, b1, t, inplace)
     return new_params, AdamState(
         step=step,
         exp_avg=_tree.put(state.exp_avg, idx, m),

@@ -43,7 +43,7 @@ class Adam_CM(CriticalRule):
         # 0 / (0 + eps), which is NaN where eps underflows (float16).
         eps = M.per_leaf(M.vector(eps, seeding_rows).masked_fill(seeding_rows, 1.0), grads)
         denom = M.adam_denominator(vmax if h["amsgrad"] else v, b2, t, eps)
-        new_params = M.add_scaled(params, *M.adam_direction(ma, denom, lr, b1, t), inplace)
+        new_params = M.adam_apply(params, ma, denom, lr, b1, t, inplace)
         new_base = AdamState(
             step=step,
             exp_avg=_tree.put(base.exp_avg, idx, m),

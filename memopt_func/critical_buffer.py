@@ -160,19 +160,36 @@ def write(
 ) -> CriticalBufferState:
     """The slot writes of a decided offer of x to leaves idx (any subset of the decided leaves):
     ``buf[slot] = x`` and ``buf_sum += x - buf[slot]`` where admitted. ``donate`` writes into the
-    given ``buf`` and ``buf_sum`` tensors instead of copies."""
+    given ``buf`` and ``buf_sum`` tensors instead of copies. A ``buf`` may carry one scratch row
+    after its ``C`` slots (``[C + 1, *shape]``, see ``with_sink``): refused offers are written there."""
+    top_c = state.keys.shape[1]
     new_buf, new_sum = [], []
     for x, i in zip(xs, idx):
         s, adm, was_full = decision.leaf[i]
         buf, total = state.buf[i], state.buf_sum[i]
-        old = buf.index_select(0, s)[0]
-        value = torch.where(adm, x.to(buf.dtype), old)  # old again when refused: a write of no change
-        replaced = torch.where(was_full, old, 0)  # an unfilled slot is never read
-        # buf_sum + (x - replaced) when admitted; + 0 when refused (then the buffer is full)
-        change = value.to(total.dtype) - replaced.to(total.dtype)
+        # the slot's value, or 0 for an unfilled slot, which is never read (a fresh copy, zeroed in place)
+        replaced = buf.index_select(0, s)[0].masked_fill_(~was_full, 0)
+        stored = x.to(buf.dtype)
+        if buf.shape[0] > top_c:
+            # A sink row after the slots takes a refused offer, so the written value never reads
+            # the buffer it goes into (Inductor then writes the slot in place, with no temporary).
+            target = torch.where(adm, s, top_c)
+            change = torch.where(adm, _difference(stored, replaced, total.dtype), 0)
+        else:
+            # refused means full, so replaced is the slot's value: writing it back changes nothing
+            target, stored = s, torch.where(adm, stored, replaced)
+            # buf_sum + (x - replaced) when admitted; + 0 when refused
+            change = _difference(stored, replaced, total.dtype)
         new_sum.append(total.add_(change) if donate else total + change)
-        new_buf.append(buf.index_put_((s,), value[None]) if donate else buf.index_put((s,), value[None]))
+        new_buf.append(buf.index_put_((target,), stored[None]) if donate else buf.index_put((target,), stored[None]))
     return state._replace(buf=_tree.put(state.buf, idx, new_buf), buf_sum=_tree.put(state.buf_sum, idx, new_sum))
+
+
+def _difference(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """a - b in dtype, written into b (a fresh temporary) when the dtypes allow."""
+    if a.dtype == b.dtype == dtype:
+        return torch.sub(a, b, out=b)
+    return a.to(dtype) - b.to(dtype)
 
 
 def commit(state: CriticalBufferState, decision: Decision) -> CriticalBufferState:
@@ -198,6 +215,23 @@ def offer(
     """Offer x (priority nu per moved row) to the buffers of leaves idx: ``decide``, ``write``, ``commit``."""
     decision = decide(state, idx, nu, critical_test, seed)
     return commit(write(state, xs, idx, decision, donate), decision)
+
+
+def with_sink(state: CriticalBufferState) -> CriticalBufferState:
+    """The state with each ``buf`` copied into ``[C + 1, *shape]``: the slots, then a scratch row
+    that ``write`` may overwrite and nothing reads. ``without_sink`` gives the ``[C]`` views back."""
+    bufs = []
+    for b in state.buf:
+        padded = b.new_zeros((b.shape[0] + 1, *b.shape[1:]))
+        padded[: b.shape[0]].copy_(b)
+        bufs.append(padded)
+    return state._replace(buf=tuple(bufs))
+
+
+def without_sink(state: CriticalBufferState) -> CriticalBufferState:
+    """The ``[C, *shape]`` slot views of buffers that carry a sink row (the state unchanged otherwise)."""
+    top_c = state.keys.shape[1]
+    return state._replace(buf=tuple(b[:top_c] for b in state.buf))
 
 
 def decay(state: CriticalBufferState, idx: Sequence[int], factor: float | Tensor) -> CriticalBufferState:
