@@ -3,7 +3,8 @@
 The rule's pure step runs under ``torch.compile(fullgraph=True)`` and its outputs are copied
 back into persistent tensors in the same graph, so Inductor fuses the copy-back into the update
 kernels (each state byte read and written once). Per-step hyperparameters live in persistent
-0-d tensors, so changing the learning rate never recompiles. On CUDA the compiled step can be
+0-d tensors, so changing the learning rate never recompiles (a zero weight decay stays a
+constant, dropping its term, until it is set non-zero). On CUDA the compiled step can be
 captured as a CUDA graph and replayed.
 """
 
@@ -139,7 +140,9 @@ class Stepper:
         # critical_buffer.write): the slot write then needs no temporary under Inductor.
         self._step_state = _map_buffers(state, cb.with_sink)
         device = self._step_params[0].device
-        self._hyper = {name: _as_tensor(rule.hyper[name], device) for name in rule.dynamic_names()}
+        self._hyper = {
+            name: _as_tensor(rule.hyper[name], device, name in _ZERO_IS_CONSTANT) for name in rule.dynamic_names()
+        }
         if cuda_graph is None:
             cuda_graph = compile and device.type == "cuda"
         if cuda_graph and device.type != "cuda":
@@ -176,12 +179,12 @@ class Stepper:
         """Set per-step hyperparameters (floats or 0-d tensors) for the following steps."""
         self.rule._resolve(per_step)  # validates names and values
         for name, value in per_step.items():
-            target = self._hyper[name]
-            if isinstance(target, tuple):
-                for t, v in zip(target, value):
-                    t.copy_(v) if isinstance(v, Tensor) else t.fill_(v)
-            else:
-                target.copy_(value) if isinstance(value, Tensor) else target.fill_(value)
+            old = self._hyper[name]
+            self._hyper[name] = _set(old, value, self._step_params[0].device, name in _ZERO_IS_CONSTANT)
+            if _kinds(old) != _kinds(self._hyper[name]):
+                # a zero constant became a tensor: the next step compiles again (once), and a
+                # captured CUDA graph, which holds the constant, is captured afresh
+                self._graph, self._warmup_left = None, 3
 
     def _apply(self, params: list[Tensor], grads: list[Tensor | None], state: NamedTuple, hyper: dict) -> None:
         new_params, new_state = self.rule.step(
@@ -274,12 +277,36 @@ def _own_code(method: Any) -> Any:
     return types.MethodType(fresh, method.__self__)
 
 
-def _as_tensor(value: Any, device: torch.device) -> Any:
+# Per-step hyperparameters whose zero drops a term from the step (torch.optim's
+# ``if weight_decay != 0``): a Python zero stays a constant, so the graph has no such term; a
+# later non-zero value makes it a tensor and recompiles once.
+_ZERO_IS_CONSTANT = {"weight_decay"}
+
+
+def _as_tensor(value: Any, device: torch.device, keep_zero: bool = False) -> Any:
+    """A per-step hyperparameter as the compiled step takes it: a persistent 0-d float64 tensor
+    (or a zero constant, with keep_zero)."""
     if isinstance(value, tuple):
         return tuple(_as_tensor(v, device) for v in value)
     if isinstance(value, Tensor):
         return value.detach().to(device=device, dtype=torch.float64).clone()
+    if keep_zero and value == 0:
+        return 0.0
     return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
+def _set(target: Any, value: Any, device: torch.device, keep_zero: bool = False) -> Any:
+    """target (a persistent tensor, a zero constant, or a tuple of them) holding value from now on."""
+    if isinstance(target, tuple):
+        return tuple(_set(t, v, device) for t, v in zip(target, value))
+    if isinstance(target, Tensor):
+        target.copy_(value) if isinstance(value, Tensor) else target.fill_(value)
+        return target
+    return _as_tensor(value, device, keep_zero)
+
+
+def _kinds(value: Any) -> Any:
+    return tuple(_kinds(v) for v in value) if isinstance(value, tuple) else isinstance(value, Tensor)
 
 
 __all__ = ["Stepper", "flat_state", "per_tensor_views"]

@@ -114,6 +114,26 @@ def test_no_recompiles_over_100_steps_with_an_lr_schedule(name):
     assert sum(counters["graph_break"].values()) == 0
 
 
+@pytest.mark.parametrize("name", ["SGD_C", "Adam"])
+def test_zero_weight_decay_is_a_constant_until_set_non_zero(name):
+    """A zero weight decay compiles without its term; lr (from 0) never recompiles; setting the
+    weight decay non-zero compiles once more; every step equals the eager rule."""
+    rule = rules.RULES[name](lr=0.0, **({"topC": 2, "momentum": 0.9} if name == "SGD_C" else {}))
+    reference = _params()
+    state = rule.init(reference)
+    stepper = Stepper(rule, _params())
+    graphs = []
+    for k in range(12):
+        hyper = {"lr": 1e-3 * k, "weight_decay": 0.05 if 4 <= k < 8 else 0.0}
+        grads = _grads(k)
+        stepper.step(grads, **hyper)
+        reference, state = rule.step(reference, grads, state, **hyper)
+        assert max(_rel(a, b) for a, b in zip(stepper.params, reference)) < 1e-6, f"step {k + 1}"
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[:4] == [1] * 4  # lr from 0 upwards: one graph
+    assert graphs[4:] == [2] * 8  # weight decay 0.05, then 0 again (now a tensor): one more graph
+
+
 def test_flat_stepper_trains_a_module_in_place():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
