@@ -54,11 +54,6 @@ def scale(xs: TensorList, a: Scalar | TensorList, inplace: bool = False) -> list
     return list(torch._foreach_mul(xs, _fit(xs, a)))
 
 
-def shift(xs: TensorList, a: Scalar | TensorList) -> list[Tensor]:
-    """x + a."""
-    return list(torch._foreach_add(xs, _fit(xs, a)))
-
-
 def add(xs: TensorList, ys: TensorList, inplace: bool = False) -> list[Tensor]:
     """x + y."""
     if inplace:
@@ -67,17 +62,32 @@ def add(xs: TensorList, ys: TensorList, inplace: bool = False) -> list[Tensor]:
     return list(torch._foreach_add(xs, ys))
 
 
-def sub(xs: TensorList, ys: TensorList, inplace: bool = False) -> list[Tensor]:
-    """x - y."""
-    if inplace:
-        torch._foreach_sub_(xs, ys)
-        return list(xs)
-    return list(torch._foreach_sub(xs, ys))
-
-
 def axpy(ys: TensorList, a: Scalar | TensorList, xs: TensorList, inplace: bool = False) -> list[Tensor]:
-    """y + a * x."""
-    return add(ys, scale(xs, a), inplace)
+    """y + a * x (``add(alpha=a)`` for a number, as torch.optim writes it)."""
+    if isinstance(a, (int, float)):
+        if inplace:
+            torch._foreach_add_(ys, xs, alpha=a)
+            return list(ys)
+        return list(torch._foreach_add(ys, xs, alpha=a))
+    scales = _fit(xs, a if isinstance(a, list) else [a] * len(xs))
+    if inplace:
+        torch._foreach_addcmul_(ys, xs, scales)
+        return list(ys)
+    return list(torch._foreach_addcmul(ys, xs, scales))
+
+
+def addcdiv(ys: TensorList, num: TensorList, den: list[Tensor], a: Scalar | TensorList, inplace: bool = False) -> list[Tensor]:
+    """y + a * num / den, as ``addcdiv(value=a)`` for a number; a tensor a (or one per leaf) goes
+    into den instead (``y + num / (den / a)``), so den must be a fresh temporary."""
+    if isinstance(a, (int, float)):
+        value = a
+    else:
+        torch._foreach_div_(den, _fit(den, a if isinstance(a, list) else [a] * len(den)))
+        value = 1
+    if inplace:
+        torch._foreach_addcdiv_(ys, num, den, value=value)
+        return list(ys)
+    return list(torch._foreach_addcdiv(ys, num, den, value=value))
 
 
 def ema(ms: TensorList, xs: TensorList, beta: Scalar, inplace: bool = False) -> list[Tensor]:
@@ -105,9 +115,10 @@ def ema_sq(vs: TensorList, xs: TensorList, beta: Scalar, inplace: bool = False) 
 
 
 def ema_mul_add(ms: TensorList, xs: TensorList, beta: Scalar | TensorList, inplace: bool = False) -> list[Tensor]:
-    """beta * m + (1 - beta) * x written as the AdEMAMix reference does (beta may be per leaf)."""
+    """beta * m + (1 - beta) * x written as the AdEMAMix reference does, ``m.mul_(beta).add_(x,
+    alpha=1 - beta)`` (beta may be per leaf)."""
     one_minus = [(1 - b).to(b.dtype) for b in beta] if isinstance(beta, list) else 1 - beta
-    return add(scale(ms, beta, inplace), scale(xs, one_minus), inplace)
+    return axpy(scale(ms, beta, inplace), one_minus, xs, inplace=True)  # the state, or fresh
 
 
 def decoupled_decay(params: TensorList, lr: Scalar, weight_decay: Scalar, inplace: bool = False) -> list[Tensor]:
@@ -127,13 +138,9 @@ def adam_denominator(vs: TensorList, b2: Scalar, t: Tensor, eps: Scalar) -> list
 def adam_apply(
     params: TensorList, num: TensorList, denom: list[Tensor], lr: Scalar, b1: Scalar, t: Tensor, inplace: bool = False
 ) -> list[Tensor]:
-    """p - (lr / (1 - b1**t)) * num / denom, as ``p + num / (denom / -step_size)``: the step size
-    (per leaf, a device tensor) goes into ``denom``, a fresh temporary of ``adam_denominator``."""
-    torch._foreach_div_(denom, per_leaf(-(lr / (1 - b1**t)), num))
-    if inplace:
-        torch._foreach_addcdiv_(params, num, denom)
-        return list(params)
-    return list(torch._foreach_addcdiv(params, num, denom))
+    """p - (lr / (1 - b1**t)) * num / denom, with one step size per leaf (a device tensor, so it
+    goes into ``denom``, a fresh temporary of ``adam_denominator``)."""
+    return addcdiv(params, num, denom, per_leaf(-(lr / (1 - b1**t)), num), inplace)
 
 
 def amsgrad_max(vmax: TensorList, vs: TensorList, inplace: bool = False) -> list[Tensor]:

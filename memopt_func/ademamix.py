@@ -85,12 +85,14 @@ class AdEMAMix(Rule):
         else:
             m1 = grads
         m2 = M.ema_mul_add(_tree.take(state.exp_avg_slow, idx), grads, beta3_t, ctx.donate)
-        v = M.ema_mul_add(_tree.take(state.exp_avg_sq, idx), torch._foreach_mul(grads, grads), b2, ctx.donate)
+        v = M.ema_sq(_tree.take(state.exp_avg_sq, idx), grads, b2, ctx.donate)
         denom = M.adam_denominator(v, b2, t, eps)
-        mix = M.add(M.scale(m1, M.per_leaf(1 / (1 - b1**t), grads)), M.scale(m2, alpha_t))
-        u = list(torch._foreach_div(mix, denom))
+        # u = (m1 / (1 - b1**t) + alpha_t * m2) / denom (+ weight_decay * p), built in one fresh tensor
+        u = M.scale(m1, M.per_leaf(1 / (1 - b1**t), grads))
+        u = M.axpy(u, alpha_t, m2, inplace=True)
+        torch._foreach_div_(u, denom)
         if not M.is_zero(wd):
-            u = M.axpy(u, wd, params)
+            u = M.axpy(u, wd, params, inplace=True)
         new_state = AdEMAMixState(
             step=step,
             exp_avg=m1_all,

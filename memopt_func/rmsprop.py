@@ -55,19 +55,23 @@ def rmsprop_update(params, grads, state: RMSpropState, idx, h, inplace: bool = F
     if h["centered"]:
         ga = M.ema(_tree.take(grad_avg, idx), g, alpha, inplace)
         grad_avg = _tree.put(grad_avg, idx, ga)
-        avg = torch._foreach_sqrt(M.sub(sq, torch._foreach_mul(ga, ga)))
+        avg = list(torch._foreach_addcmul(sq, ga, ga, value=-1))
+        torch._foreach_sqrt_(avg)
     else:
-        avg = torch._foreach_sqrt(sq)
-    avg = M.shift(avg, eps)
-    direction = list(torch._foreach_div(g, avg))
+        avg = list(torch._foreach_sqrt(sq))
+    torch._foreach_add_(avg, M._fit(avg, eps))  # avg is fresh: the rest works in place on it
     buffers = state.momentum_buffer
     if buffers:
-        direction = M.add(M.scale(_tree.take(buffers, idx), h["momentum"], inplace), direction, inplace)
-        buffers = _tree.put(buffers, idx, direction)
+        mb = M.scale(_tree.take(buffers, idx), h["momentum"], inplace)
+        torch._foreach_addcdiv_(mb, g, avg)
+        buffers = _tree.put(buffers, idx, mb)
+        new_params = M.axpy(params, -lr, mb, inplace)
+    else:
+        new_params = M.addcdiv(params, g, avg, -lr, inplace)
     new_state = RMSpropState(
         step=step, square_avg=_tree.put(state.square_avg, idx, sq), momentum_buffer=buffers, grad_avg=grad_avg
     )
-    return M.axpy(params, -lr, direction, inplace), new_state
+    return new_params, new_state
 
 
 class RMSprop(Rule):

@@ -50,7 +50,8 @@ def sgd_update(params, grads, state: SGDState, idx, h, inplace: bool = False):
     d = grads if M.is_zero(wd) else M.axpy(grads, wd, params)
     buffers = state.momentum_buffer
     if buffers:
-        continued = M.add(M.scale(_tree.take(buffers, idx), momentum, inplace), M.scale(d, 1 - dampening), inplace)
+        # the scaled buffer is the state (inplace) or fresh: either may be written
+        continued = M.axpy(M.scale(_tree.take(buffers, idx), momentum, inplace), 1 - dampening, d, inplace=True)
         mb = M.where(M.per_leaf(first), d, continued, inplace)
         buffers = _tree.put(buffers, idx, mb)
         d = M.axpy(d, momentum, mb) if h["nesterov"] else mb

@@ -274,7 +274,8 @@ def _offered_values(name, hyper, rec, m_track):
             continue
         if name == "SGD_C":
             wd = hyper["weight_decay"]
-            out[i] = g if wd == 0 else g + rec.params_before[i] * wd
+            # as torch.optim.SGD (and the published SGD_C) write it: one fused add with alpha
+            out[i] = g if wd == 0 else torch.add(g, rec.params_before[i], alpha=wd)
         elif name == "Adam_CM":
             if int(rec.state_before.critical.count[row_of(synced, i)]) == 0:
                 out[i] = g  # seeding step: the raw gradient; m stays as it is
@@ -292,7 +293,7 @@ def test_invariant_every_stored_slot_was_offered_no_mixing(name, data):
     """Invariant "every stored slot is a value that was offered at some step (no mixing)".
 
     Offered values are recomputed independently: the gradient (Adam_C, RMSprop_C), the
-    weight-decayed gradient ``g + weight_decay*p`` (SGD_C), and for Adam_CM the raw gradient on
+    weight-decayed gradient ``g + weight_decay*p`` (SGD_C, as ``torch.add(g, p, alpha=weight_decay)``), and for Adam_CM the raw gradient on
     the seeding step, then the plain momentum ``m = lerp(m, g, 1 - b1)`` (also checked to be the
     stored ``exp_avg``). Each filled slot must equal one of them bit for bit in buffer_dtype; the
     slot written this step must hold this step's value and every other slot must be unchanged.
