@@ -1,6 +1,6 @@
 """Eager step time of our drop-ins against the published-style loop, each cell in a fresh process.
 
-    python bench/eager_vs_published.py [--sizes 200x10000,20x1000000] [--repeats 3] [--malloc-env]
+    python bench/eager_vs_published.py [--sizes 200x10000,20x1000000] [--repeats 3] [--malloc-env] [--device cuda]
 
 Eager CPU steps of multi-megabyte tensors are allocator-bound: glibc returns freed temporaries
 to the OS and faults them back in, and how often depends on what the process did before. So
@@ -29,19 +29,22 @@ import json, resource, sys, time, torch
 sys.path.insert(0, {here!r})
 import memopt_func
 from published_style import PUBLISHED_STYLE
-impl, name, n, size, steps = {impl!r}, {name!r}, {n}, {size}, {steps}
+impl, name, n, size, steps, device = {impl!r}, {name!r}, {n}, {size}, {steps}, {device!r}
+sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 torch.manual_seed(0)
-params = [torch.nn.Parameter(torch.randn(size)) for _ in range(n)]
+params = [torch.nn.Parameter(torch.randn(size, device=device)) for _ in range(n)]
 for p in params:
-    p.grad = torch.randn(size)
+    p.grad = torch.randn(size, device=device)
 opt = (getattr(memopt_func, name) if impl == "ours" else PUBLISHED_STYLE[name])(params, lr=1e-3)
 for _ in range(5):
     opt.step()
 times = []
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(steps):
+    sync()
     start = time.perf_counter()
     opt.step()
+    sync()
     times.append(time.perf_counter() - start)
 faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
 times.sort()
@@ -49,8 +52,8 @@ print(json.dumps({{"ms": 1e3 * times[len(times) // 2], "faults": faults}}))
 """
 
 
-def run_cell(impl: str, name: str, n: int, size: int, steps: int, env: dict) -> dict:
-    code = CELL.format(here=HERE, impl=impl, name=name, n=n, size=size, steps=steps)
+def run_cell(impl: str, name: str, n: int, size: int, steps: int, env: dict, device: str = "cpu") -> dict:
+    code = CELL.format(here=HERE, impl=impl, name=name, n=n, size=size, steps=steps, device=device)
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": ROOT, **env},
@@ -65,6 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per cell")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per process (median)")
     parser.add_argument("--malloc-env", action="store_true", help="also run every cell with the malloc thresholds raised")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: the published loop's host read per tensor then syncs")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     envs = [("default", {})] + ([("malloc-env", MALLOC_ENV)] if args.malloc_env else [])
@@ -76,8 +80,8 @@ def main(argv=None) -> int:
                 cells = {"ours": [], "published": []}
                 for _ in range(args.repeats):
                     for impl in cells:  # alternate, so drift hits both alike
-                        cells[impl].append(run_cell(impl, name, n, numel, args.steps, env))
-                row = {"allocator": env_name, "size": size, "rule": name}
+                        cells[impl].append(run_cell(impl, name, n, numel, args.steps, env, args.device))
+                row = {"device": args.device, "allocator": env_name, "size": size, "rule": name}
                 for impl, runs in cells.items():
                     row[f"{impl}_ms"] = statistics.median(r["ms"] for r in runs)
                     row[f"{impl}_faults"] = statistics.median(r["faults"] for r in runs)
