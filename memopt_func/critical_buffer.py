@@ -8,7 +8,11 @@ update uses an aggregate of the current value with the buffer's mean.
 Layout (stacked so the admission decision is one batched op): ``keys [B, C]`` and ``count [B]``
 with ``B = 1`` for a synced group and ``B = N`` (one row per leaf) otherwise; per leaf ``buf``
 of shape ``[C, *p.shape]`` and ``buf_sum`` of ``p.shape``. Unfilled slots hold zeros and are
-never read: the mean divides ``buf_sum`` by ``count``.
+never read: the mean divides ``buf_sum`` by ``count``. A stepper may give each ``buf`` one
+scratch row after the slots (``with_sink``), where refused offers are written.
+
+An offer is ``decide`` (once per step, for all rows), ``write`` (per leaf, over any subset of the
+leaves at a time) and ``commit`` (once); ``offer`` is the three in a row.
 """
 
 from __future__ import annotations
