@@ -44,7 +44,11 @@ shapes = st.lists(
 @given(config=rule_configs(), shapes=shapes, seed=st.integers(0, 2**16), steps=st.integers(2, 6))
 def test_invariant_eager_equals_compiled(config, shapes, seed, steps):
     """Eager and compiled stepping agree to 1e-6 relative in float32, across buffer filling ->
-    full and warmup -> steady, with the learning rate changing every step."""
+    full and warmup -> steady, with the learning rate changing every step.
+
+    Relative to each tensor's scale over the run, max(|p_0|, |p_k|): rounding errors are made at
+    the scale of the values combined, so a parameter that has moved close to 0 (cancellation)
+    keeps the absolute error of its starting scale."""
     name, hyper = config
     rule = rules.RULES[name](**hyper)
     gen = torch.Generator().manual_seed(seed)
@@ -58,6 +62,6 @@ def test_invariant_eager_equals_compiled(config, shapes, seed, steps):
         lr = hyper["lr"] * (1 + 0.5 * k)
         stepper.step(grads, lr=lr)
         eager_params, eager_state = rule.step(eager_params, grads, eager_state, lr=lr)
-        for a, b in zip(stepper.params, eager_params):
-            err = (a - b).abs().max() / b.abs().max().clamp(min=1e-6)
+        for a, b, p0 in zip(stepper.params, eager_params, params):
+            err = (a - b).abs().max() / torch.maximum(b.abs().max(), p0.abs().max()).clamp(min=1e-6)
             assert err < 1e-6, f"step {k + 1}: compiled differs from eager by {err:.2e}"
