@@ -151,7 +151,8 @@ def train_one(
         if step % cfg.eval_every == 0 or step == cfg.steps:
             record(step)
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(train=f"{result.train_loss[-1]:.3f}", val_acc=f"{result.val_acc[-1]:.3f}")
+                # refresh=False: the bar's own redraw interval applies (a log file gets few lines)
+                bar.set_postfix(train=f"{result.train_loss[-1]:.3f}", val_acc=f"{result.val_acc[-1]:.3f}", refresh=False)
     result.seconds = time.perf_counter() - start
     if step_times:
         result.step_ms = 1e3 * statistics.median(step_times)
