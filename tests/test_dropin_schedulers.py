@@ -63,8 +63,9 @@ def _drive(name, kwargs, make_scheduler, advance, overrides=("lr",), dtype=torch
     return used, [p.detach().clone() for p in params]
 
 
-def _constant_run(name, kwargs, dtype=torch.float64):
-    """The rule with the group's hyperparameters held at their initial values."""
+def _constant_run(name, kwargs, dtype=torch.float64, lrs=None):
+    """The rule with the group's hyperparameters held at their initial values (but the lr of
+    step k, lrs[k], when lrs is given)."""
     model = mlp(dtype=dtype)
     params = list(model.parameters())
     r = rule(name)(**kwargs)
@@ -76,7 +77,8 @@ def _constant_run(name, kwargs, dtype=torch.float64):
             for p, f in zip(params, fparams):
                 p.copy_(f)
         mse(model, k).backward()
-        fparams, fstate = r.step(fparams, [p.grad.clone() for p in params], fstate)
+        per_step = {} if lrs is None else {"lr": lrs[k]}
+        fparams, fstate = r.step(fparams, [p.grad.clone() for p in params], fstate, **per_step)
     return fparams
 
 
@@ -134,19 +136,7 @@ def test_one_cycle_lr_cycles_lr_and_momentum(name):
     if key == "betas":
         assert all(len(u["betas"]) == len(rule(name)().hyper["betas"]) for u in used), "OneCycleLR kept the other betas"
     # the momentum the scheduler wrote is used: the same lrs with a fixed momentum give another run
-    model = mlp()
-    params = list(model.parameters())
-    r = rule(name)(**kwargs)
-    fparams = [p.detach().clone() for p in params]
-    fstate = r.init(fparams)
-    for k in range(STEPS):
-        model.zero_grad()
-        with torch.no_grad():
-            for p, f in zip(params, fparams):
-                p.copy_(f)
-        mse(model, k).backward()
-        fparams, fstate = r.step(fparams, [p.grad.clone() for p in params], fstate, lr=lrs[k])
-    assert _differs(final, fparams), "the cycled momentum made no difference"
+    assert _differs(final, _constant_run(name, kwargs, lrs=lrs)), "the cycled momentum made no difference"
 
 
 def _grad_scaler():
