@@ -25,12 +25,12 @@ ROOT = os.path.dirname(HERE)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30)}
 
 CELL = r"""
-import json, resource, sys, time, torch
+import json, resource, sys, torch
 sys.path.insert(0, {here!r})
 import memopt_func
+from memopt_func.benchmarking import time_steps
 from published_style import PUBLISHED_STYLE
 impl, name, n, size, steps, device = {impl!r}, {name!r}, {n}, {size}, {steps}, {device!r}
-sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 torch.manual_seed(0)
 params = [torch.nn.Parameter(torch.randn(size, device=device)) for _ in range(n)]
 for p in params:
@@ -38,16 +38,9 @@ for p in params:
 opt = (getattr(memopt_func, name) if impl == "ours" else PUBLISHED_STYLE[name])(params, lr=1e-3)
 for _ in range(5):
     opt.step()
-times = []
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(steps):
-    sync()
-    start = time.perf_counter()
-    opt.step()
-    sync()
-    times.append(time.perf_counter() - start)
+times = sorted(time_steps(opt.step, warmup=0, repeats=steps, device=device))
 faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
-times.sort()
 print(json.dumps({{"ms": 1e3 * times[len(times) // 2], "faults": faults}}))
 """
 
