@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The tested CPU build; the package itself admits torch 2.11 to 2.13.
+# The tested CPU build; the package itself asks for torch>=2.11 with no upper cap.
 TORCH_PIN := torch==2.13.0
 
 .PHONY: setup test test-thorough demo bench roofline clean

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compiled import Stepper
+from memopt_func.compiled import Stepper
 from memopt_func import optim, rules
 
 SIZES = {"20x10k": [(10_000,)] * 20, "4x250k": [(250_000,)] * 4}

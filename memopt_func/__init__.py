@@ -15,7 +15,7 @@ Two ways in, one set of formulas:
       params, state = rule.step(params, grads, state)    # pure: inputs are never mutated
 
 SPEC.md in the project defines the exact numbers each rule computes. Speed machinery
-(torch.compile, CUDA graphs, flat buffers) lives in the separate ``compiled`` package.
+(torch.compile, CUDA graphs, flat buffers) lives in the subpackage ``memopt_func.compiled``.
 """
 
 from . import optim, rules

@@ -66,7 +66,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "--lr", type=_cli.lr_overrides(), action="append", metavar="NAME=LR",
         help="override learning rates: NAME=LR[,NAME=LR...], or one LR for all; may be repeated",
     )
-    p.add_argument("--compiled", action="store_true", help="step the memory optimizers through compiled.compile_optimizer")
+    p.add_argument("--compiled", action="store_true", help="step the memory optimizers through memopt_func.compiled.compile_optimizer")
     _add_threads(p, 1)
     p.set_defaults(func=_run_demo)
 
@@ -150,7 +150,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=_paragraphs(
             "Time optimizer.step() (fixed random gradients, float32) for each optimizer at several parameter "
-            "counts: this package's drop-ins eagerly (and through compiled.compile_optimizer with --compiled) "
+            "counts: this package's drop-ins eagerly (and through memopt_func.compiled.compile_optimizer with --compiled) "
             "against torch.optim.Adam/AdamW (foreach). The roofline is the bytes a step must move (params read "
             "and written, grads read, each per-parameter state tensor read and written, over the copy "
             "bandwidth measured in the same run. Writes step_time.png, results.csv and results.json into --out.",
@@ -169,7 +169,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=_cli.positive_int, default=b.rounds, help=f"passes over all cells; each cell keeps its fastest pass (default: {b.rounds})")
     p.add_argument("--copy-mb", type=_cli.positive_int, default=b.copy_mb, help=f"MiB copied to measure the bandwidth (default: {b.copy_mb})")
     p.add_argument("--device", default=b.device, help="cpu or cuda[:N] (default: cpu)")
-    p.add_argument("--compiled", action="store_true", help="also time the drop-ins through compiled.compile_optimizer (compiles once per cell)")
+    p.add_argument("--compiled", action="store_true", help="also time the drop-ins through memopt_func.compiled.compile_optimizer (compiles once per cell)")
     _add_threads(p, None)
     p.set_defaults(func=_run_bench)
 

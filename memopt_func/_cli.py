@@ -207,15 +207,3 @@ def prepare_out(out: Path) -> Path:
     if not os.access(out, os.W_OK):
         raise CLIError(f"output folder {str(out)!r} is not writable")
     return out
-
-
-def compile_optimizer_or_error() -> Callable:
-    """``compiled.compile_optimizer``, or a CLIError saying it is not available."""
-    try:
-        import compiled
-    except ImportError as e:
-        raise CLIError(f"--compiled needs the 'compiled' package, which cannot be imported here ({e})") from None
-    fn = getattr(compiled, "compile_optimizer", None)
-    if fn is None:
-        raise CLIError("--compiled needs compiled.compile_optimizer, which this version of the 'compiled' package does not provide")
-    return fn

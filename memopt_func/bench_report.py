@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from . import _cli, benchmarking, catalog
+from .compiled import compile_optimizer
 
 
 @dataclass
@@ -129,7 +130,7 @@ def write_results(cells: list[benchmarking.StepTiming], bandwidth: float, cfg: B
 def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> int:
     """Measure, print the table, write the plot and results; returns the exit status."""
     device = check_device(cfg.device)
-    compile_optimizer = _cli.compile_optimizer_or_error() if cfg.compiled else None
+    wrap_compiled = compile_optimizer if cfg.compiled else None
     _cli.prepare_out(cfg.out)
     _cli.pyplot()
     bandwidth = benchmarking.copy_bandwidth(cfg.copy_mb * 2**20, device=device)
@@ -141,8 +142,8 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> int:
     for size in cfg.sizes:
         for name in cfg.optimizers:
             jobs.append((name, size, None))
-            if compile_optimizer is not None and catalog.is_memory(name):
-                jobs.append((name, size, compile_optimizer))
+            if wrap_compiled is not None and catalog.is_memory(name):
+                jobs.append((name, size, wrap_compiled))
     progress = _cli.progress_factory(not cfg.progress)
     # A throwaway cell first: the first steps of a process pay for thread-pool and allocator warm-up.
     benchmarking.time_optimizer("Adam", min(cfg.sizes), n_tensors=cfg.tensors, device=device, warmup=3, repeats=5)
@@ -171,3 +172,4 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> int:
     paths = [plot(cells, bandwidth, cfg)] + write_results(cells, bandwidth, cfg)
     log("wrote " + ", ".join(str(p) for p in paths))
     return 0
+

@@ -173,7 +173,7 @@ def time_optimizer(
     seed: int = 0,
 ) -> StepTiming:
     """Time ``optimizer.step()`` of catalog optimizer ``name`` over ``size`` parameters with fixed
-    gradients; ``compile_optimizer`` (e.g. ``compiled.compile_optimizer``) wraps it first."""
+    gradients; ``compile_optimizer`` (e.g. ``memopt_func.compiled.compile_optimizer``) wraps it first."""
     if compile_optimizer is not None:
         # Every cell compiles afresh: compiled steppers share one code object, whose cache would
         # otherwise fill up with earlier cells' shapes and hit torch._dynamo's recompile limit.

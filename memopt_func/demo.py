@@ -22,6 +22,7 @@ from torch import nn
 
 from . import _cli, catalog
 from .benchmarking import state_bytes
+from .compiled import compile_optimizer
 from .functional_example import small_mlp, two_spirals
 
 # Hyperparameters that train this demo well in its default number of steps (lr picked by a sweep
@@ -267,7 +268,7 @@ def write_results(results: list[RunResult], cfg: DemoConfig) -> list[Path]:
 
 def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> int:
     """The whole demo: train, print the table, write plots and results; returns the exit status."""
-    compile_optimizer = _cli.compile_optimizer_or_error() if cfg.compiled else None
+    wrap = compile_optimizer if cfg.compiled else None
     _cli.prepare_out(cfg.out)
     _cli.pyplot()  # fail before training if plots are impossible
     data = make_data(cfg)
@@ -278,11 +279,11 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> int:
         f"({n_params} parameters), {cfg.steps} steps of batch {cfg.batch_size}, seed {cfg.seed}"
     )
     if cfg.compiled:
-        log("--compiled: the memory optimizers step through compiled.compile_optimizer; torch.optim ones stay eager")
+        log("--compiled: the memory optimizers step through memopt_func.compiled.compile_optimizer; torch.optim ones stay eager")
     results = []
     for name in cfg.optimizers:
         try:
-            results.append(train_one(name, cfg, data, compile_optimizer, progress))
+            results.append(train_one(name, cfg, data, wrap, progress))
         except Exception as e:  # one broken optimizer must not hide the others' results
             results.append(RunResult(name, dict(DEMO_HYPER[name]), "eager", [], [], [], [], [], [], math.nan, math.nan, 0.0, math.nan, None, error=f"{type(e).__name__}: {e}"))
     log("")
@@ -298,3 +299,4 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> int:
     paths = (plot(trained, cfg) if trained else []) + write_results(results, cfg)
     log("wrote " + ", ".join(str(p) for p in paths))
     return 1 if failed else 0
+

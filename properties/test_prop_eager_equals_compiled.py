@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compiled import Stepper
+from memopt_func.compiled import Stepper
 from memopt_func import rules
 
 CRITICAL = ["Adam_C", "RMSprop_C", "SGD_C", "Adam_CM"]

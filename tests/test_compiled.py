@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import compiled
-from compiled import Stepper
+from memopt_func import compiled
+from memopt_func.compiled import Stepper
 from memopt_func import optim, rules
 
 SHAPES = [(6, 5), (5,), (3, 2, 2), (6, 5)]

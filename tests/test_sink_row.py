@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compiled import Stepper
+from memopt_func.compiled import Stepper
 from memopt_func import critical_buffer as cb
 from memopt_func import rules
 from helpers import assert_trees_bitwise_equal

@@ -1,4 +1,4 @@
-"""compiled: fast stepping for memopt_func rules and drop-in optimizers.
+"""memopt_func.compiled: fast stepping for memopt_func rules and drop-in optimizers.
 
 ``Stepper(rule, params)`` runs a functional rule as one compiled, in-place step over persistent
 state (flat buffers, no recompiles as hyperparameters change, CUDA graphs on GPU).
