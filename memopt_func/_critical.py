@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 from . import _hyper as H
@@ -84,7 +85,10 @@ class CriticalRule(Rule):
             new_params, base = in_parts(base_update, params, grads, state.base, idx, h, ctx)
             return new_params, CriticalState(base, None)
         crit = state.critical
-        decision = cb.decide(crit, idx, cb.priorities(crit, grads, ctx.segments), h["critical_test"], h["seed"])
+        norms = cb.tensor_norms(crit, grads, ctx.segments)
+        decision = cb.decide(
+            crit, idx, cb.priority_of(crit, norms), h["critical_test"], h["seed"], torch.isfinite(norms), ctx.segments
+        )
 
         def part_update(params, grads, both, idx, h, ctx):
             new_params, base, crit = self._update_part(params, grads, both.base, both.critical, idx, decision, h, ctx)

@@ -31,9 +31,9 @@ def _fail(name: str, value: Any, must: str) -> None:
 
 def _number(name: str, value: Any, must: str) -> float | Tensor:
     if isinstance(value, Tensor):
-        if value.dim() != 0 or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
-            _fail(name, value, "a Python number or a 0-d real tensor")
-        return value
+        if value.numel() != 1 or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            _fail(name, value, "a Python number or a one-element real tensor")
+        return value.reshape(()) if value.dim() else value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(name, value, must)
     return float(value)
@@ -101,6 +101,12 @@ def flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         _fail(name, value, "True or False")
     return value
+
+
+def maximize() -> Hyper:
+    """torch.optim's ``maximize``: the update follows ``-grad`` (a critical buffer's priority,
+    a norm, is the same either way)."""
+    return Hyper("maximize", False, flag)
 
 
 def choice(*options: str) -> Callable[[str, Any], str]:

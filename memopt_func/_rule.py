@@ -17,6 +17,19 @@ from ._hyper import Hyper
 Segments = Tuple[Tuple[int, int], ...]
 
 
+class Prepared(NamedTuple):
+    """A step's checked inputs (``Rule.prepare``)."""
+
+    params: Any
+    leaves: list[Tensor]
+    spec: Any
+    grads: list[Tensor | None]
+    idx: list[int]
+    hyper: dict[str, Any]
+    segments: list | None
+    chunk_numel: int | None
+
+
 class StepContext(NamedTuple):
     """How a step runs, as opposed to what it computes."""
 
@@ -100,22 +113,62 @@ class Rule:
         admission are still made once): same numbers, but each run's working set stays in cache
         on a CPU. None (the default, and what torch.compile wants) takes all leaves at once.
         """
+        prepared = self.prepare(params, grads, state, segments=segments, chunk_numel=chunk_numel, **per_step)
+        return self.run(prepared, state, donate=donate)
+
+    def prepare(
+        self,
+        params: Any,
+        grads: Any,
+        state: NamedTuple,
+        *,
+        segments: Sequence[Segments | None] | None = None,
+        chunk_numel: int | None = None,
+        **per_step: Any,
+    ) -> "Prepared":
+        """Every check ``step`` makes, with nothing computed or changed: a step's inputs as
+        ``run`` takes them. A caller stepping several groups prepares them all first, so that a bad
+        input anywhere raises before any group is updated."""
         leaves, spec = _tree.flatten_params(params)
         gleaves = _tree.flatten_grads(grads, spec, leaves)
-        _tree.check_state(state, leaves, type(self).__name__)
+        self.check_state(state, leaves)
         h = self._resolve(per_step)
         segments = _tree.check_segments(segments, leaves)
         check_chunk_numel(chunk_numel)
         idx = [i for i, g in enumerate(gleaves) if g is not None]
+        return Prepared(params, leaves, spec, gleaves, idx, h, segments, chunk_numel)
+
+    def run(self, prepared: "Prepared", state: NamedTuple, *, donate: bool = False):
+        """The step of prepared inputs (see ``prepare`` and ``step``)."""
+        params, leaves, spec, gleaves, idx, h, segments, chunk_numel = prepared
         if not idx:
             return params, state
+        grads = _tree.take(gleaves, idx)
+        if h.get("maximize"):
+            grads = list(torch._foreach_neg(grads))
         ctx = StepContext(
             donate=donate,
             segments=_tree.take(segments, idx) if segments else None,
             parts=_parts([leaves[i].numel() for i in idx], chunk_numel),
         )
-        new_present, new_state = self._update_all(_tree.take(leaves, idx), _tree.take(gleaves, idx), state, idx, h, ctx)
+        new_present, new_state = self._update_all(_tree.take(leaves, idx), grads, state, idx, h, ctx)
         return _tree.unflatten(_tree.put(leaves, idx, new_present), spec), new_state
+
+    def check_state(self, state: NamedTuple, params: Sequence[Tensor]) -> None:
+        """Raise ValueError unless ``state`` is laid out as ``init`` lays it out for params under
+        this rule's hyperparameters (e.g. a topC=5 state does not fit a topC=3 rule)."""
+        _tree.check_state(state, params, type(self).__name__)
+        if torch.compiler.is_compiling():
+            return  # checked when the step was traced from eager inputs; shapes are static here
+        key = tuple((tuple(p.shape), p.dtype) for p in params)
+        want = self._layouts.get(key) if hasattr(self, "_layouts") else None
+        if want is None:
+            want = self._init([torch.empty_like(p, device="meta") for p in params])
+            self.__dict__.setdefault("_layouts", {})[key] = want
+        problem = _tree.layout_mismatch(state, want)
+        if problem:
+            fixed = ", ".join(f"{h.name}={self.hyper[h.name]!r}" for h in self.HYPERS if not h.dynamic)
+            raise ValueError(f"{type(self).__name__} state does not fit this rule ({fixed}): {problem}")
 
     def _resolve(self, per_step: dict[str, Any]) -> dict[str, Any]:
         if not per_step:
@@ -190,9 +243,10 @@ def _per_step_value(hyper: Hyper, value: Any) -> Any:
     if isinstance(value, (tuple, list)) and len(value) != len(hyper.default):
         raise ValueError(f"invalid {hyper.name}: {value!r} (expected {len(hyper.default)} values)")
     for v in parts:
-        if isinstance(v, Tensor) and v.dim() != 0:
-            raise ValueError(f"invalid {hyper.name}: a per-step tensor must be 0-d, got shape {tuple(v.shape)}")
-    return tuple(value) if isinstance(value, (tuple, list)) else value
+        if isinstance(v, Tensor) and v.numel() != 1:
+            raise ValueError(f"invalid {hyper.name}: a per-step tensor must have one element, got shape {tuple(v.shape)}")
+    parts = tuple(v.reshape(()) if isinstance(v, Tensor) and v.dim() else v for v in parts)
+    return parts if isinstance(value, (tuple, list)) else parts[0]
 
 
 def new_steps(leaves: list[Tensor]) -> Tensor:

@@ -86,6 +86,39 @@ def check_state(state: Any, params: Sequence[Tensor], rule_name: str) -> None:
                 )
 
 
+def layout_mismatch(got: Any, want: Any, path: str = "state") -> str | None:
+    """Where a state's structure or shapes differ from a template state's (None if they agree).
+    A critical ``buf`` may carry one scratch row after its slots (see ``critical_buffer.with_sink``)."""
+    if isinstance(want, tuple) and hasattr(want, "_fields"):
+        if type(got).__name__ != type(want).__name__:
+            return f"{path} is a {type(got).__name__}, the rule keeps a {type(want).__name__}"
+        for field in want._fields:
+            problem = layout_mismatch(getattr(got, field), getattr(want, field), f"{path}.{field}")
+            if problem:
+                return problem
+        return None
+    if want is None or got is None:
+        if (want is None) != (got is None):
+            return f"{path} is {'absent' if got is None else 'present'}, the rule {'keeps none' if want is None else 'needs one'}"
+        return None
+    if isinstance(want, tuple):
+        if not isinstance(got, tuple) or len(got) != len(want):
+            n = len(got) if isinstance(got, tuple) else type(got).__name__
+            return f"{path} has {n} entries, the rule needs {len(want)}"
+        for i, (g, w) in enumerate(zip(got, want)):
+            problem = layout_mismatch(g, w, f"{path}[{i}]")
+            if problem:
+                return problem
+        return None
+    if not isinstance(got, Tensor):
+        return f"{path} is a {type(got).__name__}, not a tensor"
+    shape, expected = tuple(got.shape), tuple(want.shape)
+    sink = ".buf[" in path and len(shape) == len(expected) and shape[1:] == expected[1:] and shape[0] == expected[0] + 1
+    if shape != expected and not sink:
+        return f"{path} has shape {shape}, the rule needs {expected}"
+    return None
+
+
 def _per_leaf_fields(state: Any):
     for field in getattr(state, "_fields", ()):
         value = getattr(state, field)

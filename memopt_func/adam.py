@@ -31,6 +31,7 @@ ADAM_HYPERS = (
     H.Hyper("eps", 1e-8, H.nonnegative, dynamic=True),
     H.Hyper("weight_decay", 0.0, H.nonnegative, dynamic=True),
     H.Hyper("amsgrad", False, H.flag),
+    H.maximize(),
 )
 
 

@@ -43,6 +43,7 @@ class AdEMAMix(Rule):
         H.Hyper("alpha_warmup", None, H.positive_int_or_none),
         H.Hyper("eps", 1e-8, H.nonnegative, dynamic=True),
         H.Hyper("weight_decay", 0.0, H.nonnegative, dynamic=True),
+        H.maximize(),
     )
 
     @property

@@ -34,6 +34,7 @@ class CriticalBufferState(NamedTuple):
     count: Tensor  # [B] int64, slots filled
     offers: Tensor  # [B] int64, values offered so far (the critical_test draw counter)
     accepted: Tensor  # [B] int64, offers admitted so far
+    nonfinite: Tensor  # [B] int64, tensors left out of an offer for a non-finite gradient norm
     buf: tuple[Tensor, ...]  # per leaf [C, *p.shape] in buffer_dtype
     buf_sum: tuple[Tensor, ...]  # per leaf p.shape in the parameter's dtype
 
@@ -49,6 +50,7 @@ def init(leaves: Sequence[Tensor], top_c: int, synced: bool, buffer_dtype: torch
         count=counter(),
         offers=counter(),
         accepted=counter(),
+        nonfinite=counter(),
         buf=tuple(torch.zeros((top_c, *p.shape), dtype=buffer_dtype or p.dtype, device=device) for p in leaves),
         buf_sum=M.zeros_like(leaves),
     )
@@ -63,14 +65,11 @@ def moved_rows(state: CriticalBufferState, idx: Sequence[int]) -> list[int]:
     return [0] if _synced(state) else list(idx)
 
 
-def priorities(state: CriticalBufferState, grads: Sequence[Tensor], segments=None) -> Tensor:
-    """nu per moved row: the sum of the leaves' gradient L2 norms when synced, else each norm.
-
-    A leaf with ``segments`` runs ``((count, numel), ...)`` counts as the tensors it lays end to end.
-    """
+def tensor_norms(state: CriticalBufferState, grads: Sequence[Tensor], segments=None) -> Tensor:
+    """[T] each tensor's gradient L2 norm, in the keys' dtype: one per leaf, or, for a leaf with
+    ``segments`` runs ``((count, numel), ...)``, one per tensor it lays end to end."""
     if not segments or all(s is None for s in segments):
-        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=state.keys.dtype))
-        return norms.sum().reshape(1) if _synced(state) else norms
+        return torch.stack(torch._foreach_norm(grads, 2, dtype=state.keys.dtype))
     if not _synced(state):
         raise ValueError("segmented (flattened) leaves need synced=True: per-tensor buffers cannot share a leaf")
     parts = []
@@ -83,7 +82,21 @@ def priorities(state: CriticalBufferState, grads: Sequence[Tensor], segments=Non
             block = flat[start : start + count * numel].view(count, numel)
             parts.append(torch.linalg.vector_norm(block, dim=1, dtype=state.keys.dtype))
             start += count * numel
-    return torch.cat(parts).sum().reshape(1)
+    return torch.cat(parts)
+
+
+def priority_of(state: CriticalBufferState, norms: Tensor) -> Tensor:
+    """nu per moved row from the tensors' norms: their sum when synced, else each norm. A
+    non-finite norm takes no part in a synced sum (SPEC.md, "Non-finite gradients")."""
+    if not _synced(state):
+        return norms
+    return torch.where(torch.isfinite(norms), norms, 0).sum().reshape(1)
+
+
+def priorities(state: CriticalBufferState, grads: Sequence[Tensor], segments=None) -> Tensor:
+    """nu per moved row: the sum of the leaves' gradient L2 norms when synced, else each norm
+    (``priority_of`` over ``tensor_norms``)."""
+    return priority_of(state, tensor_norms(state, grads, segments))
 
 
 def empty_rows(state: CriticalBufferState, idx: Sequence[int]) -> Tensor:
@@ -123,22 +136,38 @@ class Decision(NamedTuple):
     count: Tensor  # [R]
     offers: Tensor  # [R]
     accepted: Tensor  # [R]
-    leaf: dict[int, tuple[Tensor, Tensor, Tensor]]  # leaf index -> (slot [1], admitted, was full) 0-d
+    nonfinite: Tensor  # [R]
+    # leaf index -> (slot [1], admitted, slots filled after the offer 0-d); admitted is 0-d, or
+    # one flag per element for a segmented leaf of which some tensor is left out
+    leaf: dict[int, tuple[Tensor, Tensor, Tensor]]
 
 
 def decide(
-    state: CriticalBufferState, idx: Sequence[int], nu: Tensor, critical_test: float = 0.0, seed: int = 0
+    state: CriticalBufferState,
+    idx: Sequence[int],
+    nu: Tensor,
+    critical_test: float = 0.0,
+    seed: int = 0,
+    finite: Tensor | None = None,
+    segments=None,
 ) -> Decision:
     """Where an offer with priority nu (per moved row) to the leaves idx goes, and whether it is taken.
 
     Not full: the next empty slot takes it. Full: the slot of the smallest key (first on ties)
     takes it iff ``nu > key`` strictly, or a counter-based draw ``u < critical_test`` says so.
+    ``finite`` ([T], see ``tensor_norms``) flags the tensors whose gradient norm is finite: the
+    others are left out of the slot write, and a row with no finite tensor (or a non-finite nu)
+    is refused outright, so no key is ever non-finite.
     """
     top_c = state.keys.shape[1]
     moved = moved_rows(state, idx)
+    synced = _synced(state)
     keys = _tree.rows(state.keys, moved)
     count = _tree.rows(state.count, moved)
     offers = _tree.rows(state.offers, moved)
+    usable = torch.isfinite(nu)
+    if finite is not None and synced:
+        usable = usable & finite.any().reshape(1)
     full = count >= top_c
     slot = torch.where(full, keys.argmin(dim=1), count.clamp(max=top_c - 1))
     key_at_slot = keys.gather(1, slot[:, None])[:, 0]
@@ -147,53 +176,97 @@ def decide(
         # the row ids, made on device (no host-to-device copy when every row moves)
         stream = _tree.rows(torch.arange(state.keys.shape[0], device=keys.device), moved)
         admitted = admitted | (uniform(seed, offers, stream) < critical_test)
+    admitted = admitted & usable
     new_key = torch.where(admitted, nu.to(keys.dtype), key_at_slot)
-    rows = [0] * len(idx) if _synced(state) else list(range(len(idx)))
+    filled = count + (~full & admitted).to(torch.int64)
+    if finite is None:
+        left_out = torch.zeros_like(count)
+    elif synced:
+        left_out = (~finite).sum().reshape(1)
+    else:
+        left_out = (~finite).to(torch.int64)
+    rows = [0] * len(idx) if synced else list(range(len(idx)))
+    leaf_ok = _leaf_flags(finite, segments, len(idx)) if finite is not None and synced else [None] * len(idx)
     return Decision(
         moved=moved,
         keys=keys.scatter(1, slot[:, None], new_key[:, None]),
-        count=count + (~full).to(torch.int64),
+        count=filled,
         offers=offers + 1,
         accepted=_tree.rows(state.accepted, moved) + admitted.to(torch.int64),
-        leaf={i: (slot[r].reshape(1), admitted[r], full[r]) for i, r in zip(idx, rows)},
+        nonfinite=_tree.rows(state.nonfinite, moved) + left_out,
+        leaf={
+            i: (slot[r].reshape(1), admitted[r] if ok is None else admitted[r] & ok, filled[r])
+            for i, r, ok in zip(idx, rows, leaf_ok)
+        },
     )
+
+
+def _leaf_flags(finite: Tensor, segments, n: int) -> list[Tensor]:
+    """Per leaf of a synced group, whether its tensor's norm is finite: 0-d, or one flag per
+    element for a leaf with segments (its tensors' flags repeated over their elements)."""
+    if not segments or all(s is None for s in segments):
+        return list(finite.unbind(0))
+    out, t = [], 0
+    for runs in segments:
+        if runs is None:
+            out.append(finite[t])
+            t += 1
+            continue
+        parts = []
+        for count, numel in runs:
+            parts.append(finite[t : t + count, None].expand(count, numel).reshape(-1))
+            t += count
+        out.append(torch.cat(parts))
+    return out
 
 
 def write(
     state: CriticalBufferState, xs: Sequence[Tensor], idx: Sequence[int], decision: Decision, donate: bool = False
 ) -> CriticalBufferState:
     """The slot writes of a decided offer of x to leaves idx (any subset of the decided leaves):
-    ``buf[slot] = x`` and ``buf_sum += x - buf[slot]`` where admitted. ``donate`` writes into the
-    given ``buf`` and ``buf_sum`` tensors instead of copies. A ``buf`` may carry one scratch row
-    after its ``C`` slots (``[C + 1, *shape]``, see ``with_sink``): refused offers are written there."""
+    ``buf[slot] = x`` where admitted, then ``buf_sum`` = the sum of the filled slots, summed
+    afresh (a running ``+= x - old`` would keep the rounding error of every value ever added,
+    which dominates once the scale of the values falls). ``donate`` writes into the given
+    ``buf`` and ``buf_sum`` tensors instead of copies. A ``buf`` may carry one scratch row after
+    its ``C`` slots (``[C + 1, *shape]``, see ``with_sink``): refused offers are written there."""
     top_c = state.keys.shape[1]
     new_buf, new_sum = [], []
     for x, i in zip(xs, idx):
-        s, adm, was_full = decision.leaf[i]
+        s, adm, filled = decision.leaf[i]
         buf, total = state.buf[i], state.buf_sum[i]
-        # the slot's value, or 0 for an unfilled slot, which is never read (a fresh copy, zeroed in place)
-        replaced = buf.index_select(0, s)[0].masked_fill_(~was_full, 0)
         stored = x.to(buf.dtype)
-        if buf.shape[0] > top_c:
+        if adm.dim() > 0:  # one flag per element: write along the flattened tensor
+            rows = buf.view(buf.shape[0], -1)
+            if buf.shape[0] > top_c:
+                target = torch.where(adm, s, top_c)[None]
+                put = rows.scatter_ if donate else rows.scatter
+                written = put(0, target, stored.reshape(1, -1)).view(buf.shape)
+            else:
+                kept = torch.where(adm, stored.reshape(-1), rows.index_select(0, s)[0])
+                written = _put(buf, s, kept.view(stored.shape), donate)
+        elif buf.shape[0] > top_c:
             # A sink row after the slots takes a refused offer, so the written value never reads
             # the buffer it goes into (Inductor then writes the slot in place, with no temporary).
-            target = torch.where(adm, s, top_c)
-            change = torch.where(adm, _difference(stored, replaced, total.dtype), 0)
+            written = _put(buf, torch.where(adm, s, top_c), stored, donate)
         else:
-            # refused means full, so replaced is the slot's value: writing it back changes nothing
-            target, stored = s, torch.where(adm, stored, replaced)
-            # buf_sum + (x - replaced) when admitted; + 0 when refused
-            change = _difference(stored, replaced, total.dtype)
-        new_sum.append(total.add_(change) if donate else total + change)
-        new_buf.append(buf.index_put_((target,), stored[None]) if donate else buf.index_put((target,), stored[None]))
+            # refused: the slot's own value is written back, which changes nothing
+            written = _put(buf, s, torch.where(adm, stored, buf.index_select(0, s)[0]), donate)
+        new_buf.append(written)
+        summed = slot_sum(written, filled, top_c, total.dtype)
+        new_sum.append(total.copy_(summed) if donate else summed)
     return state._replace(buf=_tree.put(state.buf, idx, new_buf), buf_sum=_tree.put(state.buf_sum, idx, new_sum))
 
 
-def _difference(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    """a - b in dtype, written into b (a fresh temporary) when the dtypes allow."""
-    if a.dtype == b.dtype == dtype:
-        return torch.sub(a, b, out=b)
-    return a.to(dtype) - b.to(dtype)
+def _put(buf: Tensor, row: Tensor, value: Tensor, donate: bool) -> Tensor:
+    """buf with ``buf[row] = value`` (row a [1] index), in place when donated."""
+    return buf.index_put_((row,), value[None]) if donate else buf.index_put((row,), value[None])
+
+
+def slot_sum(buf: Tensor, filled: Tensor, top_c: int, dtype: torch.dtype) -> Tensor:
+    """The sum of the first ``filled`` slots of buf, in dtype; the others are never read."""
+    shape = (top_c,) + (1,) * (buf.dim() - 1)
+    used = (torch.arange(top_c, device=buf.device) < filled).view(shape)
+    return torch.where(used, buf[:top_c].to(dtype), 0).sum(0)
 
 
 def commit(state: CriticalBufferState, decision: Decision) -> CriticalBufferState:
@@ -204,6 +277,7 @@ def commit(state: CriticalBufferState, decision: Decision) -> CriticalBufferStat
         count=_tree.put_rows(state.count, moved, decision.count),
         offers=_tree.put_rows(state.offers, moved, decision.offers),
         accepted=_tree.put_rows(state.accepted, moved, decision.accepted),
+        nonfinite=_tree.put_rows(state.nonfinite, moved, decision.nonfinite),
     )
 
 

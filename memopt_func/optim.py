@@ -16,6 +16,7 @@ import inspect
 from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from . import _tree
@@ -26,7 +27,7 @@ from .ademamix import AdEMAMix as _AdEMAMixRule
 from .rmsprop_c import RMSprop_C as _RMSpropCRule
 from .sgd_c import SGD_C as _SGDCRule
 
-_ROW_FIELDS = ("keys", "count", "offers", "accepted")
+_ROW_FIELDS = ("keys", "count", "offers", "accepted", "nonfinite")
 
 
 def _walk(state: Any, prefix: str = ""):
@@ -104,9 +105,12 @@ class MemoryOptimizer(torch.optim.Optimizer):
             inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults[name])
             for name in cls._argument_order()
         ]
+        params.append(inspect.Parameter("differentiable", inspect.Parameter.KEYWORD_ONLY, default=False))
         cls.__signature__ = inspect.Signature(params)
 
-    def __init__(self, params: Iterable, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, params: Iterable, *args: Any, differentiable: bool = False, **kwargs: Any) -> None:
+        if not isinstance(differentiable, bool):
+            raise ValueError(f"invalid differentiable: {differentiable!r} (differentiable must be True or False)")
         names = self._argument_order()
         if len(args) > len(names):
             raise TypeError(f"{type(self).__name__} takes at most {len(names)} hyperparameters after params")
@@ -118,29 +122,50 @@ class MemoryOptimizer(torch.optim.Optimizer):
         self._rules: dict[tuple, Rule] = {}
         self._templates: dict[tuple, NamedTuple] = {}
         self._stats_offset: dict[int, dict[str, int]] = {}
-        super().__init__(params, dict(defaults))
+        # per group (keyed by its first parameter): the rule key and rule its state was laid out by
+        self._laid_out: dict[Tensor, tuple[tuple, Rule]] = {}
+        super().__init__(params, {**defaults, "differentiable": differentiable})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As torch.optim; the group's hyperparameters are validated before it is added."""
+        """As torch.optim; the rule's own hyperparameters are validated before the group is added,
+        and any other key (``lr_scale``, ``name``, ...) is kept untouched, as torch.optim keeps it."""
         if isinstance(param_group, dict):
             hyper = {h.name: param_group.get(h.name, self.defaults[h.name]) for h in self.RULE.HYPERS}
             self.RULE(**hyper)
-            unknown = sorted(set(param_group) - set(hyper) - {"params"} - _TORCH_GROUP_KEYS)
-            if unknown:
-                raise ValueError(f"invalid param group key(s) {unknown} for {type(self).__name__}")
         super().add_param_group(param_group)
 
     def _rule(self, group: dict[str, Any]) -> Rule:
         """The group's rule, cached by what fixes the state layout: the static hyperparameters and
         which per-step ones are exactly zero (e.g. momentum == 0 keeps no momentum buffer)."""
-        key = tuple(
-            (h.name, _is_python_zero(group[h.name])) if h.dynamic else (h.name, group[h.name]) for h in self.RULE.HYPERS
-        )
+        key = self._rule_key(group)
         rule = self._rules.get(key)
         if rule is None:
             hyper = {h.name: _layout_value(group[h.name]) for h in self.RULE.HYPERS}
             rule = self._rules[key] = self.RULE(**hyper)
         return rule
+
+    def _rule_key(self, group: dict[str, Any]) -> tuple:
+        return tuple(
+            (h.name, _is_python_zero(group[h.name])) if h.dynamic else (h.name, group[h.name]) for h in self.RULE.HYPERS
+        )
+
+    def _check_layout_kept(self, index: int, group: dict[str, Any], rule: Rule, params: list[Tensor]) -> None:
+        """A group's state keeps the layout it was made with: a structural hyperparameter
+        (``topC``, ``synced``, ``buffer_dtype``, ``amsgrad``, a momentum set to or from 0, ...)
+        changed after the state exists raises, naming it; other changes apply from this step on."""
+        before, old_rule = self._laid_out.get(params[0], (None, None))
+        key = self._rule_key(group)
+        if before is None or before == key:
+            return
+        if _layout(old_rule, params) == _layout(rule, params):
+            self._laid_out[params[0]] = (key, rule)
+            return
+        changed = [f"{n!r} from {o!r} to {group[n]!r}" for (n, o), (_, v) in zip(before, key) if o != v]
+        raise ValueError(
+            f"{type(self).__name__}: param group {index} changed {', '.join(changed)} after its state was made, "
+            "which changes the state's layout; set it before the first step, or start a new optimizer "
+            "(or a new param group) for it"
+        )
 
     def _template(self, rule: Rule, params: list[Tensor], state: NamedTuple | None = None) -> NamedTuple:
         """A state of the group's structure (its values unused): the given one, else a cached one,
@@ -152,15 +177,16 @@ class MemoryOptimizer(torch.optim.Optimizer):
             self._templates[key] = rule._init([torch.empty_like(p, device="meta") for p in params])
         return self._templates[key]
 
-    def _group_state(self, group: dict[str, Any], rule: Rule) -> NamedTuple:
-        params = group["params"]
-        if not self.state.get(params[0]):
+    def _group_state(self, group: dict[str, Any], rule: Rule, params: list[Tensor] | None = None, store: bool = True) -> NamedTuple:
+        """The group's state as the rule takes it (over ``params``, default the group's); a group
+        without state gets a fresh one, kept in ``self.state`` only with ``store``."""
+        params = group["params"] if params is None else params
+        if not self.state.get(group["params"][0]):
             state = rule.init(params)
-            for p, d in zip(params, explode(state, len(params), self._synced(rule))):
-                self.state[p] = d
-            self._template(rule, params, state)
+            if store:
+                self._store(group, rule, state)
             return state
-        dicts = [self.state[p] for p in params]
+        dicts = [self.state[p] for p in group["params"]]
         for i, d in enumerate(dicts):
             if not d:
                 raise RuntimeError(
@@ -168,6 +194,14 @@ class MemoryOptimizer(torch.optim.Optimizer):
                     "load a complete state_dict or start the group afresh"
                 )
         return assemble(self._template(rule, params), dicts, self._synced(rule))
+
+    def _store(self, group: dict[str, Any], rule: Rule, state: NamedTuple) -> None:
+        """Keep a group's new rule state as per-parameter entries of ``self.state``."""
+        params = group["params"]
+        for p, d in zip(params, explode(state, len(params), self._synced(rule))):
+            self.state[p] = d
+        self._template(rule, _real(params), state)
+        self._laid_out[params[0]] = (self._rule_key(group), rule)
 
     @staticmethod
     def _synced(rule: Rule) -> bool:
@@ -181,26 +215,46 @@ class MemoryOptimizer(torch.optim.Optimizer):
         with torch.enable_grad():
             return closure()
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One step of every param group; parameters without ``.grad`` are skipped."""
+        """One step of every param group; parameters without ``.grad`` are skipped.
+
+        Every group's inputs are checked before any group is updated, so an error leaves every
+        parameter and all state as they were. With ``differentiable=True`` the step is recorded by
+        autograd (out of place, then copied into the parameters), as in torch.optim."""
         loss = self._evaluate(closure)
-        for group in self.param_groups:
-            params = group["params"]
-            grads = [p.grad for p in params]
-            if all(g is None for g in grads):
-                continue
-            rule = self._rule(group)
-            state = self._group_state(group, rule)
-            per_step = {name: group[name] for name in rule.dynamic_names()}
-            chunk = self.cpu_chunk_numel if params[0].device.type == "cpu" else None
-            new_params, new_state = rule.step(list(params), grads, state, donate=True, chunk_numel=chunk, **per_step)
-            moved = [i for i, g in enumerate(grads) if g is not None and new_params[i] is not params[i]]
-            if moved:  # a donated step updates the parameters in place already
-                torch._foreach_copy_(_tree.take(params, moved), _tree.take(new_params, moved))
-            for p, d in zip(params, explode(new_state, len(params), self._synced(rule))):
-                self.state[p] = d
+        differentiable = self.defaults.get("differentiable", False)
+        with torch.set_grad_enabled(differentiable):
+            jobs = [job for job in map(self._prepare, range(len(self.param_groups))) if job is not None]
+            for group, rule, prepared, state in jobs:
+                new_params, new_state = rule.run(prepared, state, donate=not differentiable)
+                views = prepared.leaves
+                moved = [i for i in prepared.idx if new_params[i] is not views[i]]
+                if moved:  # a donated step updates the parameters in place already
+                    torch._foreach_copy_(_tree.take(views, moved), _tree.take(new_params, moved))
+                self._store(group, rule, new_state)
         return loss
+
+    def _prepare(self, index: int):
+        """A group's checked step (None when no parameter has a gradient): (group, rule,
+        prepared inputs, state). Changes nothing."""
+        group = self.param_groups[index]
+        params = group["params"]
+        grads = [p.grad for p in params]
+        if all(g is None for g in grads):
+            return None
+        rule = self._rule(group)
+        views = _real(params)
+        if self.state.get(params[0]):
+            self._check_layout_kept(index, group, rule, views)
+        state = self._group_state(group, rule, views, store=False)
+        per_step = {name: group[name] for name in rule.dynamic_names()}
+        chunk = self.cpu_chunk_numel if params[0].device.type == "cpu" else None
+        grads = [None if g is None else (torch.view_as_real(g) if g.is_complex() else g) for g in grads]
+        try:
+            prepared = rule.prepare(views, grads, state, chunk_numel=chunk, **per_step)
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}, param group {index}: {e}") from None
+        return group, rule, prepared, state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch.optim: tensors move to their parameter's device; each entry takes the dtype a
@@ -208,6 +262,12 @@ class MemoryOptimizer(torch.optim.Optimizer):
         ``buffer_dtype`` buffers keep their dtype)."""
         saved = state_dict["state"]
         names = [h.name for h in self.RULE.HYPERS]
+        theirs = state_dict.get(_CLASS_KEY, {}).get("rule")
+        if theirs is not None and theirs != self.RULE.__name__:
+            raise ValueError(
+                f"this state_dict was saved by a {theirs} optimizer; it cannot be loaded into {type(self).__name__} "
+                f"(the two keep different state under the same names)"
+            )
         for i, group in enumerate(state_dict["param_groups"]):
             missing = [n for n in names if n not in group]
             if missing:
@@ -215,33 +275,58 @@ class MemoryOptimizer(torch.optim.Optimizer):
                     f"param group {i} of this state_dict lacks {missing}: it is not a {type(self).__name__} state_dict"
                 )
             self.RULE(**{n: _layout_value(group[n]) for n in names})
-        super().load_state_dict({**state_dict, "state": {}})
+        groups = [{"differentiable": self.defaults["differentiable"], **g} for g in state_dict["param_groups"]]
+        super().load_state_dict({"state": {}, "param_groups": groups})
         self._stats_offset = {}
+        self._laid_out = {}
         ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         for group in self.param_groups:
             params = group["params"]
             rule = self._rule(group)
-            wanted = explode(self._template(rule, params), len(params), self._synced(rule))
+            wanted = explode(self._template(rule, _real(params)), len(params), self._synced(rule))
             for p, want in zip(params, wanted):
                 pid = ids.pop(0)
                 if pid not in saved:
                     continue
-                entry = saved[pid]
+                entry = dict(saved[pid])
+                for k in _ADDED_LATER:
+                    if k in want and k not in entry:
+                        entry[k] = torch.zeros_like(want[k], device=p.device)
                 missing = sorted(set(want) - set(entry))
                 if missing:
                     raise ValueError(f"state_dict entry for parameter {pid} lacks {missing}")
-                self.state[p] = {
-                    k: v.to(device=p.device, dtype=want[k].dtype) if k in want else v for k, v in entry.items()
-                }
+                self.state[p] = {k: _entry(v, want.get(k), p.device) for k, v in entry.items()}
+            if self.state.get(params[0]):
+                self._laid_out[params[0]] = (self._rule_key(group), rule)
+            self._check_loaded(group, rule)
+
+    def _check_loaded(self, group: dict[str, Any], rule: Rule) -> None:
+        """Refuse loaded state whose shapes do not fit the group's rule (e.g. topC 5 into topC 3)."""
+        params = group["params"]
+        if not self.state.get(params[0]):
+            return
+        try:
+            rule.check_state(self._group_state(group, rule, _real(params), store=False), _real(params))
+        except (ValueError, KeyError, RuntimeError) as e:
+            for p in params:
+                self.state.pop(p, None)
+            raise ValueError(f"{type(self).__name__}: the loaded state does not fit its param group: {e}") from None
+
+    def state_dict(self) -> dict[str, Any]:
+        """As torch.optim, plus the rule's name, so that a load into another class is refused."""
+        out = super().state_dict()
+        out[_CLASS_KEY] = {"rule": self.RULE.__name__}
+        return out
 
     def _admission_counts(self, group: dict[str, Any]) -> dict[str, int]:
-        counts = {"offers": 0, "accepted": 0, "filled": 0}
+        counts = {"offers": 0, "accepted": 0, "filled": 0, "nonfinite": 0}
         for p in group["params"]:
             entry = self.state.get(p, {})
             if "critical_offers" in entry:
                 counts["offers"] += int(entry["critical_offers"].sum())
                 counts["accepted"] += int(entry["critical_accepted"].sum())
                 counts["filled"] += int(entry["critical_count"].sum())
+                counts["nonfinite"] += int(entry["critical_nonfinite"].sum())
         return counts
 
     def get_offline_stats(self) -> dict[str, Any]:
@@ -258,9 +343,12 @@ class MemoryOptimizer(torch.optim.Optimizer):
             c = {k: v - offset.get(k, 0) for k, v in now.items()}
             refused = c["offers"] - c["accepted"]
             per_group.append(
-                {"yes": c["accepted"] - c["filled"], "no": refused, "offers": c["offers"], "accepted": c["accepted"], "refused": refused}
+                {
+                    "yes": c["accepted"] - c["filled"], "no": refused, "offers": c["offers"],
+                    "accepted": c["accepted"], "refused": refused, "nonfinite": c["nonfinite"],
+                }
             )
-        total = {k: sum(g[k] for g in per_group) for k in ("yes", "no", "offers", "accepted", "refused")}
+        total = {k: sum(g[k] for g in per_group) for k in ("yes", "no", "offers", "accepted", "refused", "nonfinite")}
         return {**total, "groups": per_group}
 
     def reset_offline_stats(self) -> None:
@@ -283,8 +371,32 @@ def _is_python_zero(value: Any) -> Any:
     return not isinstance(value, Tensor) and value == 0
 
 
-# Keys torch.optim or its schedulers may put into a param group besides the hyperparameters.
-_TORCH_GROUP_KEYS = {"initial_lr", "max_lr", "min_lr", "base_lr", "max_momentum", "base_momentum", "name"}
+# The state_dict entry naming the rule that saved it.
+_CLASS_KEY = "memopt_func"
+# State entries that older state_dicts lack; a load starts them at zero.
+_ADDED_LATER = ("critical_nonfinite",)
+
+
+def _real(params: list[Tensor]) -> list[Tensor]:
+    """The parameters as the rules see them: a complex tensor as its real view ``[..., 2]`` (as
+    torch.optim's Adam, SGD and RMSprop step complex parameters)."""
+    return [torch.view_as_real(p) if p.is_complex() else p for p in params]
+
+
+def _entry(value: Any, want: Tensor | None, device: torch.device) -> Any:
+    """A loaded state entry as a fresh state would hold it: on the parameter's device, in the
+    dtype a fresh state has (a Python number, as old or foreign checkpoints store ``step``, included)."""
+    if want is None:
+        return value
+    if not isinstance(value, Tensor):
+        return torch.tensor(value, dtype=want.dtype, device=device).reshape(want.shape)
+    return value.to(device=device, dtype=want.dtype)
+
+
+def _layout(rule: Rule, params: list[Tensor]) -> list:
+    """The shapes and dtypes of a fresh state of rule over params (made on the meta device)."""
+    state = rule._init([torch.empty_like(p, device="meta") for p in params])
+    return [(tuple(t.shape), t.dtype) for t in pytree.tree_leaves(state)]
 
 
 class Adam_CM(MemoryOptimizer):

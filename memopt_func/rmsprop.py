@@ -33,6 +33,7 @@ RMSPROP_HYPERS = (
     H.Hyper("weight_decay", 0.0, H.nonnegative, dynamic=True),
     H.Hyper("momentum", 0.0, H.nonnegative, dynamic=True),
     H.Hyper("centered", False, H.flag),
+    H.maximize(),
 )
 
 

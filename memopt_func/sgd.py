@@ -28,6 +28,7 @@ SGD_HYPERS = (
     H.Hyper("dampening", 0.0, H.finite, dynamic=True),
     H.Hyper("weight_decay", 0.0, H.nonnegative, dynamic=True),
     H.Hyper("nesterov", False, H.flag),
+    H.maximize(),
 )
 
 

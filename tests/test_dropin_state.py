@@ -194,7 +194,7 @@ def test_load_float64_state_into_float32_params(name):
         for i, p in enumerate(params):
             st = opt32.state[p]
             for key, value in st.items():
-                if key in ("critical_count", "critical_offers", "critical_accepted"):
+                if key in ("critical_count", "critical_offers", "critical_accepted", "critical_nonfinite"):
                     assert value.dtype == torch.int64, f"{key} became {value.dtype}"
                 elif key == "critical_buf":
                     assert value.dtype == want_buf, f"critical_buf is {value.dtype}, want {want_buf}"

@@ -55,7 +55,7 @@ def test_stats_single_tensor_hand_sequence(name):
     _check(opt.get_offline_stats(), STATS_A)
     # the keys the buffer holds are exactly the hand-worked ones
     assert opt.state[p]["critical_keys"].tolist() == [[0.375, 0.25]]  # step 5 decays [0.75, 0.5] too
-    assert opt.get_offline_stats()["groups"] == [dict(yes=1, no=2, offers=5, accepted=3, refused=2)]
+    assert opt.get_offline_stats()["groups"] == [dict(yes=1, no=2, offers=5, accepted=3, refused=2, nonfinite=0)]
 
     opt.reset_offline_stats()
     _check(opt.get_offline_stats(), dict(offers=0, accepted=0, refused=0, yes=0, no=0))
@@ -111,8 +111,8 @@ def test_stats_per_group_and_reset_per_group(name):
         _feed(opt, [a, b], [SEQ_A, SEQ_B], k)
     stats = opt.get_offline_stats()
     # group 1 has topC = 3: 1, 2, 3 fill; 4 and 5 beat the smallest decayed key
-    want_b = dict(offers=5, accepted=5, refused=0, yes=2, no=0)
-    assert stats["groups"][0] == {k: STATS_A[k] for k in KEYS}
+    want_b = dict(offers=5, accepted=5, refused=0, yes=2, no=0, nonfinite=0)
+    assert stats["groups"][0] == {**{k: STATS_A[k] for k in KEYS}, "nonfinite": 0}
     assert stats["groups"][1] == want_b
     _check(stats, {k: STATS_A[k] + want_b[k] for k in KEYS})
     opt.reset_offline_stats()

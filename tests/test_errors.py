@@ -437,8 +437,8 @@ def test_invalid_per_step_lr_raises(rule, value):
 
 
 @pytest.mark.parametrize("rule", ALL)
-def test_per_step_lr_tensor_must_be_0d(rule):
-    _expect_no_change(rule, lambda r, p, s: r.step(p, _grads(p), s, lr=torch.tensor([0.1, 0.2])), match="0-d")
+def test_per_step_lr_tensor_must_have_one_element(rule):
+    _expect_no_change(rule, lambda r, p, s: r.step(p, _grads(p), s, lr=torch.tensor([0.1, 0.2])), match="one element")
 
 
 @pytest.mark.parametrize("rule", ["Adam", "Adam_C", "Adam_CM"])

@@ -20,7 +20,6 @@ from torch import Tensor
 
 from memopt_func import critical_buffer as cb
 from memopt_func._rule import Rule
-from memopt_func._tree import check_state
 
 from .flat import FlatLayout
 
@@ -120,7 +119,7 @@ class Stepper:
         if state is None:
             state = rule.init([t.detach() for t in leaves])
         else:
-            check_state(state, leaves, type(rule).__name__)
+            rule.check_state(state, leaves)
         if flat:
             self.layout = FlatLayout(leaves)
             self._step_params = self.layout.flatten([t.detach() for t in leaves])
