@@ -122,8 +122,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
         self._rules: dict[tuple, Rule] = {}
         self._templates: dict[tuple, NamedTuple] = {}
         self._stats_offset: dict[int, dict[str, int]] = {}
-        # per group (keyed by its first parameter): the rule key and rule its state was laid out by
-        self._laid_out: dict[Tensor, tuple[tuple, Rule]] = {}
+        # per group (keyed by its first parameter): the rule key, rule and hyperparameter values
+        # its state was laid out by
+        self._laid_out: dict[Tensor, tuple[tuple, Rule, dict]] = {}
         super().__init__(params, {**defaults, "differentiable": differentiable})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -153,14 +154,14 @@ class MemoryOptimizer(torch.optim.Optimizer):
         """A group's state keeps the layout it was made with: a structural hyperparameter
         (``topC``, ``synced``, ``buffer_dtype``, ``amsgrad``, a momentum set to or from 0, ...)
         changed after the state exists raises, naming it; other changes apply from this step on."""
-        before, old_rule = self._laid_out.get(params[0], (None, None))
+        before, old_rule, old_values = self._laid_out.get(params[0], (None, None, None))
         key = self._rule_key(group)
         if before is None or before == key:
             return
         if _layout(old_rule, params) == _layout(rule, params):
-            self._laid_out[params[0]] = (key, rule)
+            self._laid_out[params[0]] = (key, rule, _hyper_values(group, rule))
             return
-        changed = [f"{n!r} from {o!r} to {group[n]!r}" for (n, o), (_, v) in zip(before, key) if o != v]
+        changed = [f"{n!r} from {old_values[n]!r} to {group[n]!r}" for (n, o), (_, v) in zip(before, key) if o != v]
         raise ValueError(
             f"{type(self).__name__}: param group {index} changed {', '.join(changed)} after its state was made, "
             "which changes the state's layout; set it before the first step, or start a new optimizer "
@@ -201,7 +202,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         for p, d in zip(params, explode(state, len(params), self._synced(rule))):
             self.state[p] = d
         self._template(rule, _real(params), state)
-        self._laid_out[params[0]] = (self._rule_key(group), rule)
+        self._laid_out[params[0]] = (self._rule_key(group), rule, _hyper_values(group, rule))
 
     @staticmethod
     def _synced(rule: Rule) -> bool:
@@ -226,10 +227,15 @@ class MemoryOptimizer(torch.optim.Optimizer):
         with torch.set_grad_enabled(differentiable):
             jobs = [job for job in map(self._prepare, range(len(self.param_groups))) if job is not None]
             for group, rule, prepared, state in jobs:
+                if differentiable:  # the step reads copies: the parameters' old values stay in the graph
+                    prepared = prepared._replace(leaves=[v.clone() for v in prepared.leaves])
                 new_params, new_state = rule.run(prepared, state, donate=not differentiable)
-                views = prepared.leaves
+                views = _real(group["params"])
                 moved = [i for i in prepared.idx if new_params[i] is not views[i]]
-                if moved:  # a donated step updates the parameters in place already
+                if differentiable:  # recorded by autograd, which _foreach_copy_ is not
+                    for i in moved:
+                        views[i].copy_(new_params[i])
+                elif moved:  # a donated step updates the parameters in place already
                     torch._foreach_copy_(_tree.take(views, moved), _tree.take(new_params, moved))
                 self._store(group, rule, new_state)
         return loss
@@ -260,6 +266,15 @@ class MemoryOptimizer(torch.optim.Optimizer):
         """As torch.optim: tensors move to their parameter's device; each entry takes the dtype a
         fresh state would have for that parameter (so integer counters stay integers and
         ``buffer_dtype`` buffers keep their dtype)."""
+        kept = (self.state, self.param_groups, self._stats_offset, self._laid_out)
+        self.state = type(self.state)(self.state.default_factory, self.state)
+        try:
+            self._load(state_dict)
+        except Exception:
+            self.state, self.param_groups, self._stats_offset, self._laid_out = kept
+            raise
+
+    def _load(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict["state"]
         names = [h.name for h in self.RULE.HYPERS]
         theirs = state_dict.get(_CLASS_KEY, {}).get("rule")
@@ -297,7 +312,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"state_dict entry for parameter {pid} lacks {missing}")
                 self.state[p] = {k: _entry(v, want.get(k), p.device) for k, v in entry.items()}
             if self.state.get(params[0]):
-                self._laid_out[params[0]] = (self._rule_key(group), rule)
+                self._laid_out[params[0]] = (self._rule_key(group), rule, _hyper_values(group, rule))
             self._check_loaded(group, rule)
 
     def _check_loaded(self, group: dict[str, Any], rule: Rule) -> None:
@@ -391,6 +406,10 @@ def _entry(value: Any, want: Tensor | None, device: torch.device) -> Any:
     if not isinstance(value, Tensor):
         return torch.tensor(value, dtype=want.dtype, device=device).reshape(want.shape)
     return value.to(device=device, dtype=want.dtype)
+
+
+def _hyper_values(group: dict[str, Any], rule: Rule) -> dict[str, Any]:
+    return {h.name: group[h.name] for h in rule.HYPERS}
 
 
 def _layout(rule: Rule, params: list[Tensor]) -> list:

@@ -13,8 +13,11 @@ from typing import Any, Callable
 
 import torch
 
+import torch.utils._pytree as pytree
+
+from memopt_func import _tree
 from memopt_func import optim as eager
-from memopt_func.optim import MemoryOptimizer, explode
+from memopt_func.optim import _ROW_FIELDS, MemoryOptimizer, assemble, explode
 
 from .stepper import Stepper
 
@@ -29,26 +32,78 @@ class CompiledOptimizer(MemoryOptimizer):
         super().__init__(params, *args, **kwargs)
 
     def _stepper(self, index: int, group: dict[str, Any]) -> Stepper:
+        """The group's stepper, over its parameters that require grad (a frozen one is never
+        stepped and keeps its own state); made afresh, adopting the group's state, when the rule
+        or the set of trainable parameters changes."""
         rule = self._rule(group)
-        stepper = self._steppers.get(index)
-        if stepper is not None and stepper.rule is rule and stepper._leaves == group["params"]:
-            return stepper
         params = group["params"]
-        state = self._group_state(group, rule) if self.state.get(params[0]) else None
-        stepper = Stepper(rule, list(params), state=state, flat=self._flat, cuda_graph=self._cuda_graph)
-        for p, entry in zip(params, explode(stepper.per_tensor_state(), len(params), self._synced(rule))):
-            self.state[p] = entry
+        trainable = [i for i, p in enumerate(params) if p.requires_grad] or list(range(len(params)))
+        stepped = [params[i] for i in trainable]
+        stepper = self._steppers.get(index)
+        if stepper is not None and stepper.rule is rule and stepper._leaves == stepped:
+            return stepper
+        synced = self._synced(rule)
+        dicts = explode(self._group_state(group, rule, store=False), len(params), synced)
+        chosen = [dict(dicts[i]) for i in trainable]
+        if synced:  # the group's key rows live with its first parameter
+            chosen[0].update({k: v for k, v in dicts[0].items() if k.startswith("critical_") and k[9:] in _ROW_FIELDS})
+        state = assemble(self._template(rule, stepped), chosen, synced)
+        stepper = Stepper(rule, stepped, state=state, flat=self._flat, cuda_graph=self._cuda_graph)
         self._steppers[index] = stepper
+        for p, entry in zip(params, dicts):
+            self.state.setdefault(p, entry)
+        self._adopt(group, stepper)
         return stepper
+
+    def _adopt(self, group: dict[str, Any], stepper: Stepper) -> None:
+        """Point the per-parameter state entries at the stepper's live state."""
+        params, synced = group["params"], self._synced(stepper.rule)
+        stepped = stepper._leaves
+        entries = explode(stepper.per_tensor_state(), len(stepped), synced)
+        for p, entry in zip(stepped, entries):
+            self.state[p] = entry
+        if synced and stepped[0] is not params[0]:
+            rows = {k: entries[0].pop(k) for k in list(entries[0]) if k.startswith("critical_") and k[9:] in _ROW_FIELDS}
+            self.state[params[0]] = {**self.state[params[0]], **rows}
+
+    def _check_group(self, index: int, group: dict[str, Any]) -> bool:
+        """Whether the group steps (some parameter has a gradient), raising ValueError for
+        anything that would fail its step; changes nothing."""
+        params = group["params"]
+        grads = [p.grad for p in params]
+        if all(g is None for g in grads):
+            return False
+        rule = self._rule(group)
+        for i, p in enumerate(params):
+            if p.is_complex():
+                raise ValueError(
+                    f"{type(self).__name__}, param group {index}: parameter {i} is complex ({p.dtype}); compiled "
+                    "stepping takes real tensors (the eager drop-in steps complex parameters)"
+                )
+        if self.state.get(params[0]):
+            self._check_layout_kept(index, group, rule, list(params))
+        try:
+            _tree.flatten_grads(grads, pytree.tree_structure(list(params)), params)
+            rule._resolve({name: group[name] for name in rule.dynamic_names()})
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}, param group {index}: {e}") from None
+        return True
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One compiled step of every param group; a parameter without a gradient is skipped as
+        torch.optim skips it. Every group is checked before any group moves."""
         loss = self._evaluate(closure)
-        for index, group in enumerate(self.param_groups):
-            if all(p.grad is None for p in group["params"]):
-                continue
+        if self.defaults.get("differentiable"):
+            raise ValueError(f"{type(self).__name__}: differentiable=True needs the eager drop-in (compiled steps write in place)")
+        stepping = [i for i, group in enumerate(self.param_groups) if self._check_group(i, group)]
+        for index in stepping:
+            group = self.param_groups[index]
             stepper = self._stepper(index, group)
+            was_flat = stepper.flat
             stepper.step(None, **{name: group[name] for name in stepper.rule.dynamic_names()})
+            if stepper.flat != was_flat:  # it now steps tensor by tensor, over state of its own
+                self._adopt(group, stepper)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -18,6 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from memopt_func import _tree
 from memopt_func import critical_buffer as cb
 from memopt_func._rule import Rule
 
@@ -70,14 +71,29 @@ def flat_state(state: NamedTuple, layout: FlatLayout) -> NamedTuple:
 
 def _flat_steps(step: Tensor, layout: FlatLayout) -> Tensor:
     firsts = torch.stack([step[layout.members(g)[0].index] for g in range(layout.num_groups)])
-    for g in range(layout.num_groups):
-        idx = torch.tensor([s.index for s in layout.members(g)], device=step.device)
-        if not bool((step.index_select(0, idx) == firsts[g]).all()):  # once, when adopting a state
-            raise ValueError(
-                "cannot lay this state out flat: tensors of one group have taken different numbers of "
-                "steps (some were skipped); use flat=False"
-            )
+    if not _steps_agree(step, layout):
+        raise ValueError(
+            "cannot lay this state out flat: tensors of one group have taken different numbers of "
+            "steps (some were skipped); use flat=False"
+        )
     return firsts
+
+
+def _steps_agree(step: Tensor, layout: FlatLayout) -> bool:
+    """Whether the tensors of each flat buffer have taken the same number of steps (read once,
+    when a state is adopted; a meta-device state is taken to agree)."""
+    if step.device.type == "meta":
+        return True
+    for g in range(layout.num_groups):
+        members = [s.index for s in layout.members(g)]
+        if not bool((step[members] == step[members[0]]).all()):
+            return False
+    return True
+
+
+def _per_tensor_steps(state: NamedTuple, layout: FlatLayout) -> NamedTuple:
+    """The flat state seen per tensor, with a step vector of its own (one counter per tensor)."""
+    return _map_state(state, layout.views, lambda step: torch.stack([step[s.group] for s in layout.slots]))
 
 
 def per_tensor_views(state: NamedTuple, layout: FlatLayout) -> NamedTuple:
@@ -106,20 +122,31 @@ class Stepper:
         cuda_graph: bool | None = None,
         compile_options: dict[str, Any] | None = None,
     ) -> None:
-        leaves, self._spec = pytree.tree_flatten(params)
-        if not leaves or not all(isinstance(t, Tensor) for t in leaves):
+        all_leaves, self._spec = pytree.tree_flatten(params)
+        if not all_leaves or not all(isinstance(t, Tensor) for t in all_leaves):
             raise ValueError("params must be a non-empty pytree of tensors")
+        for i, t in enumerate(all_leaves):
+            if t.is_complex():
+                raise ValueError(
+                    f"params leaf {i} is complex ({t.dtype}); compiled stepping takes real tensors "
+                    "(use the eager drop-in, which steps complex parameters as real views, or torch.view_as_real)"
+                )
+        # A frozen tensor (requires_grad=False beside tensors that require grad) is never stepped.
+        trainable = any(t.requires_grad for t in all_leaves)
+        self._active = [i for i, t in enumerate(all_leaves) if t.requires_grad or not trainable]
+        self._all_leaves = all_leaves
+        leaves = [all_leaves[i] for i in self._active]
         self.rule = rule
-        if flat is None:
-            flat = not _needs_per_tensor(rule)
-        elif flat and _needs_per_tensor(rule):
-            raise ValueError("flat=True needs synced=True (or no buffer): a per-tensor critical buffer cannot be flattened")
-        self.flat = flat
-        self._leaves = leaves
         if state is None:
             state = rule.init([t.detach() for t in leaves])
         else:
             rule.check_state(state, leaves)
+        if flat is None:
+            flat = not _needs_per_tensor(rule) and _steps_agree(state.step, FlatLayout(leaves))
+        elif flat and _needs_per_tensor(rule):
+            raise ValueError("flat=True needs synced=True (or no buffer): a per-tensor critical buffer cannot be flattened")
+        self.flat = flat
+        self._leaves = leaves
         if flat:
             self.layout = FlatLayout(leaves)
             self._step_params = self.layout.flatten([t.detach() for t in leaves])
@@ -149,19 +176,29 @@ class Stepper:
         self.cuda_graph = cuda_graph
         self._graph = None
         self._warmup_left = 3
-        self._compiled = compile
+        # meta tensors have no values to compute: their steps run uncompiled (shapes only)
+        self._compiled = compile and device.type != "meta"
         # emulate_precision_casts: a value stored in a lower buffer_dtype must round exactly as in
         # eager, or buf_sum drifts from the sum of the stored slots.
         options = {"fullgraph": True, "dynamic": False, "options": {"emulate_precision_casts": True}}
         options.update(compile_options or {})
-        self._fn = torch.compile(_own_code(self._apply), **options) if compile else self._apply
+        self._compile_options = options
+        self._fn = torch.compile(_own_code(self._apply), **options) if self._compiled else self._apply
 
     @property
     def params(self) -> Any:
-        """The stepped parameters as the pytree given (views into the flat buffers when flat)."""
-        if self.flat:
-            return pytree.tree_unflatten(self.layout.views(self._step_params), self._spec)
-        return pytree.tree_unflatten(self._leaves, self._spec)
+        """The parameters as the pytree given (stepped ones as views into the flat buffers when flat)."""
+        stepped = self.layout.views(self._step_params) if self.flat else self._leaves
+        out = list(self._all_leaves)
+        for i, t in zip(self._active, stepped):
+            out[i] = t
+        return pytree.tree_unflatten(out, self._spec)
+
+    @property
+    def stepped(self) -> list[int]:
+        """Positions (among the flattened params) of the tensors this stepper steps; the others
+        are frozen (``requires_grad=False`` beside tensors that require grad) and never touched."""
+        return list(self._active)
 
     @property
     def state(self) -> NamedTuple:
@@ -196,19 +233,38 @@ class Stepper:
             if dst is not src:
                 dst.copy_(src)
 
-    def _load_grads(self, grads: Any) -> list[Tensor | None]:
+    def _given_grads(self, grads: Any) -> list[Tensor | None]:
+        """The gradients of the stepped tensors: their ``.grad``, or the given pytree's leaves."""
         if grads is None:
-            given = [t.grad for t in self._leaves]
-        else:
-            given = pytree.tree_flatten(grads, is_leaf=lambda x: x is None)[0]
-            if len(given) != len(self._leaves):
-                raise ValueError(f"grads have {len(given)} leaves but params have {len(self._leaves)}")
+            return [t.grad for t in self._leaves]
+        given = pytree.tree_flatten(grads, is_leaf=lambda x: x is None)[0]
+        if len(given) != len(self._all_leaves):
+            raise ValueError(f"grads have {len(given)} leaves but params have {len(self._all_leaves)}")
+        frozen = sorted(set(range(len(given))) - set(self._active))
+        for i in frozen:
+            if given[i] is not None:
+                raise ValueError(
+                    f"grads leaf {i} is given, but params leaf {i} is frozen (requires_grad=False) and is "
+                    "never stepped; pass None there"
+                )
+        return [given[i] for i in self._active]
+
+    def check(self, grads: Any = None, **per_step: Any) -> None:
+        """Raise ValueError if a step with these gradients and hyperparameters would fail its
+        checks; changes nothing (a caller stepping several steppers checks them all first)."""
+        given = self._given_grads(grads)
+        _tree.flatten_grads(given, pytree.tree_structure(list(self._leaves)), self._leaves)
+        if per_step:
+            self.rule._resolve(per_step)
+
+    def _load_grads(self, grads: Any) -> list[Tensor | None]:
+        given = self._given_grads(grads)
+        if all(g is None for g in given):
+            return None
+        if self.flat and any(g is None for g in given):
+            self._leave_flat()
         if not self.flat:
             return given
-        if any(g is None for g in given):
-            if all(g is None for g in given):
-                return None
-            raise ValueError("a flat stepper needs a gradient for every tensor (use flat=False to skip tensors)")
         copies = [(v, g) for v, g in zip(self._grad_views, given) if g.data_ptr() != v.data_ptr()]
         if copies:
             torch._foreach_copy_([v for v, _ in copies], [g for _, g in copies])
@@ -217,6 +273,19 @@ class Stepper:
                 if leaf.grad is not view:
                     leaf.grad = view  # later backward passes accumulate straight into the flat buffer
         return list(self._grads)
+
+    def _leave_flat(self) -> None:
+        """From now on, step tensor by tensor: a step without a gradient for some tensor skips it
+        (its parameter and state untouched, its step counter held, as torch.optim does), which one
+        flat buffer with one step counter cannot express. The state moves out of the flat
+        buffers once (the critical slots are copied; the rest stay views of the flat storage), and
+        the per-tensor step compiles once for each pattern of missing gradients."""
+        state = _per_tensor_steps(self.state, self.layout)
+        self._step_state = _map_buffers(state, cb.with_sink)
+        self._step_params = [t.detach() for t in self._leaves]
+        self.flat, self.layout, self._grads, self._grad_views, self._segments = False, None, None, None, None
+        self.cuda_graph, self._graph = False, None
+        self._fn = torch.compile(_own_code(self._apply), **self._compile_options) if self._compiled else self._apply
 
     def zero_grad(self) -> None:
         """Zero the gradients in place, keeping a flat stepper's gradient views installed."""
@@ -287,6 +356,8 @@ def _as_tensor(value: Any, device: torch.device, keep_zero: bool = False) -> Any
     (or a zero constant, with keep_zero)."""
     if isinstance(value, tuple):
         return tuple(_as_tensor(v, device) for v in value)
+    if device.type == "meta":  # no values to hold: the step takes the number itself
+        return value
     if isinstance(value, Tensor):
         return value.detach().to(device=device, dtype=torch.float64).clone()
     if keep_zero and value == 0:
@@ -298,6 +369,8 @@ def _set(target: Any, value: Any, device: torch.device, keep_zero: bool = False)
     """target (a persistent tensor, a zero constant, or a tuple of them) holding value from now on."""
     if isinstance(target, tuple):
         return tuple(_set(t, v, device) for t, v in zip(target, value))
+    if device.type == "meta":
+        return value
     if isinstance(target, Tensor):
         target.copy_(value) if isinstance(value, Tensor) else target.fill_(value)
         return target
