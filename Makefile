@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The tested CPU build; the package itself asks for torch>=2.11 with no upper cap.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test test-thorough demo bench roofline clean
+.PHONY: setup test test-thorough demo bench roofline wheel-check clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,14 @@ test: $(STAMP)
 test-thorough: $(STAMP)
 	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q properties
 
+# Build the wheel, install it into a fresh venv outside the checkout, import it and step every
+# optimizer once, eager and compiled.
+wheel-check: $(STAMP)
+	rm -rf dist && $(BIN)/python -m pip wheel -q --no-deps -w dist . 2>&1 | grep -v WARNING || true
+	d=$$(mktemp -d) && $(PYTHON) -m venv $$d/venv && $$d/venv/bin/python -m pip install -q $(TORCH_PIN) 2>&1 | grep -v WARNING; \
+	$$d/venv/bin/python -m pip install -q dist/*.whl 2>&1 | grep -v WARNING; \
+	cp tests/install_check.py $$d/ && cd $$d && ./venv/bin/python install_check.py; rc=$$?; rm -rf $$d; exit $$rc
+
 demo: $(STAMP)
 	$(BIN)/python -m memopt_func demo
 
@@ -32,4 +40,4 @@ roofline: $(STAMP)
 	$(BIN)/python bench/roofline.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks *.egg-info dist build
