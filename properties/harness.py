@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
+from hypothesis import event
 from torch import Tensor
 
 from memopt_func import rules
@@ -121,3 +123,71 @@ def nu_reference(grads: list[Tensor | None], synced: bool) -> dict[int, float]:
 
 def eps_of(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
+
+
+# --------------------------------------------------------------------------- admissions and refusals
+
+
+def full_buffer_choices(before: Any, after: Any, rows: list[int]) -> tuple[int, int]:
+    """(admitted, refused): the offers to a *full* row among ``rows``, from two critical buffer
+    states one offer apart. Offers to a row that is still filling are always admitted and say
+    nothing about the comparison of priorities, so they are not counted."""
+    top_c = before.keys.shape[1]
+    admitted = refused = 0
+    for r in rows:
+        if int(before.count[r]) >= top_c and int(after.offers[r]) > int(before.offers[r]):
+            took = int(after.accepted[r]) - int(before.accepted[r])
+            admitted, refused = admitted + took, refused + 1 - took
+    return admitted, refused
+
+
+@dataclass
+class AdmissionMix:
+    """How many of a property's examples saw a full buffer both admit and refuse.
+
+    SPEC.md: "Every property that involves admission sees both admissions and refusals in its
+    examples." A property wrapped in ``sees_admissions_and_refusals`` reports each example's
+    counts with ``note``; once hypothesis has run every example, the wrapper asserts that at
+    least ``min_share`` of the examples (and at least two) had both."""
+
+    examples: int = 0
+    deciding: int = 0
+
+    def note(self, admitted: int, refused: int) -> None:
+        self.examples += 1
+        both = admitted > 0 and refused > 0
+        self.deciding += both
+        event("full buffer: admitted and refused" if both else "full buffer: " + (
+            "admitted only" if admitted else "refused only" if refused else "never offered to"
+        ))
+
+    def note_records(self, records: list, synced: bool) -> None:
+        """``note`` for a run of ``run_stream`` records of a critical rule."""
+        admitted = refused = 0
+        for rec in records:
+            a, r = full_buffer_choices(rec.state_before.critical, rec.state_after.critical, rows_moved(synced, rec.plan.present))
+            admitted, refused = admitted + a, refused + r
+        self.note(admitted, refused)
+
+
+ADMISSIONS = AdmissionMix()
+
+
+def sees_admissions_and_refusals(min_share: float) -> Callable:
+    """Wrap a hypothesis test (outside ``@given``) that reports to ``ADMISSIONS``: after its
+    examples ran, at least ``min_share`` of them saw a full buffer both admit and refuse."""
+
+    def wrap(test: Callable) -> Callable:
+        @functools.wraps(test)
+        def run(*args: Any, **kwargs: Any) -> None:
+            ADMISSIONS.examples = ADMISSIONS.deciding = 0
+            test(*args, **kwargs)
+            n, k = ADMISSIONS.examples, ADMISSIONS.deciding
+            assert n > 0 and k >= max(2, min_share * n), (
+                f"only {k} of {n} examples saw a full buffer both admit and refuse (want >= {min_share:.0%}): "
+                "the strategies no longer make the buffer decide"
+            )
+
+        return run
+
+    return wrap

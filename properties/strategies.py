@@ -29,6 +29,12 @@ LOW_DTYPES = (torch.bfloat16, torch.float16)
 FULL_LOG10_SCALE = (-4.0, 4.0)
 LOW_LOG10_SCALE = (-2.0, 2.0)  # float16 overflows past ~6e4; keep products of steps finite
 
+# Per-leaf scale patterns (``grad_streams(leaf_scales=True)``), drawn afresh each step: all
+# leaves alike, one leaf dominating, or each leaf its own scale. A pattern that changes from
+# step to step makes a sum of per-tensor norms and the norm of the sum rank steps differently
+# (alike: their ratio is sqrt(n); one dominating: about 1).
+SCALE_PATTERNS = ("alike", "one dominates", "spread")
+
 
 # --------------------------------------------------------------------------- pytrees
 
@@ -111,10 +117,42 @@ def skeletons(draw, n: int, depth: int = 0) -> Any:
 
 
 @st.composite
-def trees(draw, *, min_leaves: int = 1, max_leaves: int = 4, low_precision: bool = True, mixed: bool = True) -> TreePlan:
+def run_of_shapes(draw, *, min_count: int = 2, max_count: int = 4) -> list[tuple[int, ...]]:
+    """2-4 shapes of one size, as bias-free layers or stacked heads give: often the same shape,
+    sometimes the same number of elements in other shapes (``(4, 6)``, ``(6, 4)``, ``(24,)``),
+    which a flat layout also lays out as one run."""
+    rows, cols = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    count = draw(st.integers(min_count, max_count))
+    if draw(st.integers(0, 2)) != 0:
+        return [(rows, cols)] * count
+    return [draw(st.sampled_from([(rows, cols), (cols, rows), (rows * cols,), (1, rows * cols)])) for _ in range(count)]
+
+
+@st.composite
+def shape_lists(draw, *, min_leaves: int = 1, max_leaves: int = 4, runs: bool = False) -> list[tuple[int, ...]]:
+    """Leaf shapes; with ``runs``, blocks that are runs of equal-sized tensors (``run_of_shapes``)
+    among single shapes of any size (mixed models: weights and biases)."""
+    if not runs:
+        return [draw(shapes()) for _ in range(draw(st.integers(min_leaves, max_leaves)))]
+    out: list[tuple[int, ...]] = []
+    while len(out) < min_leaves or (len(out) < max_leaves and draw(st.integers(0, 2)) != 0):
+        room = max_leaves - len(out)
+        if room >= 2 and draw(st.booleans()):
+            out += draw(run_of_shapes(max_count=min(4, room)))
+        else:
+            out.append(draw(shapes()))
+    return out
+
+
+@st.composite
+def trees(
+    draw, *, min_leaves: int = 1, max_leaves: int = 4, low_precision: bool = True, mixed: bool = True, runs: bool = False
+) -> TreePlan:
     """Parameter pytrees of varied shapes (0-d included) and nesting; float64/float32 and,
-    with ``low_precision``, bfloat16/float16 leaves; ``mixed`` allows several dtypes in one tree."""
-    n = draw(st.integers(min_leaves, max_leaves))
+    with ``low_precision``, bfloat16/float16 leaves; ``mixed`` allows several dtypes in one tree.
+    ``runs``: the leaves include runs of equal-sized tensors (see ``shape_lists``)."""
+    leaf_shapes = draw(shape_lists(min_leaves=min_leaves, max_leaves=max_leaves, runs=runs))
+    n = len(leaf_shapes)
     pool = FULL_DTYPES + (LOW_DTYPES if low_precision else ())
     if mixed and draw(st.booleans()):
         dtypes = tuple(draw(st.sampled_from(pool)) for _ in range(n))
@@ -122,7 +160,7 @@ def trees(draw, *, min_leaves: int = 1, max_leaves: int = 4, low_precision: bool
         dtypes = (draw(st.sampled_from(pool)),) * n
     return TreePlan(
         skeleton=draw(skeletons(n)),
-        shapes=tuple(draw(shapes()) for _ in range(n)),
+        shapes=tuple(leaf_shapes),
         dtypes=dtypes,
         seed=draw(st.integers(0, 2**31 - 1)),
     )
@@ -138,22 +176,25 @@ def flat(tree: Any) -> tuple[list, Any]:
 
 @dataclass
 class StepPlan:
-    """One step of a gradient stream: values from ``seed`` times ``scale``; ``present[i]`` False
-    gives leaf i a None gradient; ``per_step`` are hyperparameter overrides for ``rule.step``
-    (``tensor_keys`` of them are passed as 0-d float64 tensors)."""
+    """One step of a gradient stream: values from ``seed`` times ``scale`` (times
+    ``leaf_scales[i]`` for leaf i, when given); ``present[i]`` False gives leaf i a None
+    gradient; ``per_step`` are hyperparameter overrides for ``rule.step`` (``tensor_keys`` of
+    them are passed as 0-d float64 tensors)."""
 
     seed: int
     scale: float
     present: tuple[bool, ...]
     per_step: dict[str, float] = field(default_factory=dict)
     tensor_keys: tuple[str, ...] = ()
+    leaf_scales: tuple[float, ...] | None = None
 
     def grads(self, leaves: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Per-leaf gradients (None where absent); the values do not depend on the mask."""
         gen = torch.Generator().manual_seed(self.seed)
+        factors = self.leaf_scales or (1.0,) * len(leaves)
         out = []
-        for p, here in zip(leaves, self.present):
-            g = (torch.randn(p.shape, dtype=torch.float64, generator=gen) * self.scale).to(p.dtype)
+        for p, here, factor in zip(leaves, self.present, factors):
+            g = (torch.randn(p.shape, dtype=torch.float64, generator=gen) * (self.scale * factor)).to(p.dtype)
             out.append(g if here else None)
         return out
 
@@ -168,6 +209,19 @@ class StepPlan:
 
 
 @st.composite
+def leaf_scale_patterns(draw, n_leaves: int, *, low_precision: bool = False) -> tuple[float, ...]:
+    """One step's per-leaf scale factors, following one of ``SCALE_PATTERNS``."""
+    width = 0.5 if low_precision else 1.5  # decades either side of 1
+    kind = draw(st.sampled_from(SCALE_PATTERNS))
+    if kind == "alike" or n_leaves == 1:
+        return (1.0,) * n_leaves
+    if kind == "one dominates":
+        top = draw(st.integers(0, n_leaves - 1))
+        return tuple(1.0 if i == top else 10.0 ** -width for i in range(n_leaves))
+    return tuple(10.0 ** draw(st.floats(-width, width)) for _ in range(n_leaves))
+
+
+@st.composite
 def grad_streams(
     draw,
     n_leaves: int,
@@ -178,28 +232,45 @@ def grad_streams(
     allow_none: bool = True,
     per_step: st.SearchStrategy[dict] | None = None,
     tensor_per_step: bool = False,
+    walk: bool = False,
+    leaf_scales: bool = False,
 ) -> list[StepPlan]:
     """A stream of steps whose gradient scale is log-uniform over many decades (so the critical
     buffer both admits and refuses), with repeats of the previous step (equal priorities: ties),
-    an all-zero step now and then, and, with ``allow_none``, occasional None leaves."""
+    an all-zero step now and then, and, with ``allow_none``, occasional None leaves.
+
+    ``walk``: the scale instead walks (in decades) from a random start, trending up, then turning
+    down (or the reverse) between 40% and 80% of the stream, with jitter: a slowly decaying key
+    then meets priorities just above and just below it, so a full buffer keeps choosing.
+    ``leaf_scales``: each step also scales the leaves by a fresh ``leaf_scale_patterns`` draw."""
     lo, hi = LOW_LOG10_SCALE if low_precision else FULL_LOG10_SCALE
     n_steps = draw(st.integers(min_steps, max_steps))
     none_rate = draw(st.sampled_from([0, 4, 2])) if allow_none else 0
+    if walk:
+        level = draw(st.floats(lo, hi))
+        trend = draw(st.sampled_from([-0.3, 0.3]))
+        turn = draw(st.integers(2 * n_steps // 5, 4 * n_steps // 5))
     steps: list[StepPlan] = []
     for k in range(n_steps):
         kind = draw(st.integers(0, 9))
+        factors = draw(leaf_scale_patterns(n_leaves, low_precision=low_precision)) if leaf_scales else None
         if kind == 9 and steps:
-            seed, scale = steps[-1].seed, steps[-1].scale  # same gradient again: a priority tie
+            # same gradient again: a priority tie
+            seed, scale, factors = steps[-1].seed, steps[-1].scale, steps[-1].leaf_scales
         else:
             seed = draw(st.integers(0, 2**31 - 1))
-            scale = 0.0 if kind == 8 else 10.0 ** draw(st.floats(lo, hi))
+            if walk:
+                level = min(hi, max(lo, level + (trend if k < turn else -trend) + draw(st.floats(-0.8, 0.8))))
+                scale = 0.0 if kind == 8 else 10.0**level
+            else:
+                scale = 0.0 if kind == 8 else 10.0 ** draw(st.floats(lo, hi))
         if none_rate:
             present = tuple(draw(st.integers(0, none_rate)) != 0 for _ in range(n_leaves))
         else:
             present = (True,) * n_leaves
         overrides = draw(per_step) if per_step is not None else {}
         tkeys = tuple(k for k in overrides if tensor_per_step and draw(st.booleans()))
-        steps.append(StepPlan(seed, scale, present, overrides, tkeys))
+        steps.append(StepPlan(seed, scale, present, overrides, tkeys, factors))
     return steps
 
 
@@ -216,6 +287,10 @@ lrs = st.one_of(st.just(0.0), st.sampled_from([1e-3, 1e-2, 0.1]), st.floats(1e-5
 epss = st.sampled_from([1e-8, 1e-6, 1e-3, 0.1])
 weight_decays = st.one_of(st.just(0.0), st.floats(1e-4, 0.2))
 decays = st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0))
+# Decays at which a key outlives several steps, so a full buffer has to choose between the
+# values it holds and the new one (at 0.7 a key falls below almost any new priority within a
+# few steps, and nearly every offer is admitted).
+deciding_decays = st.one_of(st.sampled_from([0.9, 0.99, 0.999]), st.floats(0.9, 0.999))
 kappas_positive = st.one_of(st.just(1.0), st.floats(0.01, 4.0))
 critical_tests = st.one_of(st.just(0.0), st.just(0.0), st.just(1.0), st.floats(0.05, 0.95))
 warmups = st.one_of(st.none(), st.integers(1, 8))
@@ -279,9 +354,11 @@ BASE_OF = {"SGD_C": "SGD", "Adam_C": "Adam", "RMSprop_C": "RMSprop", "Adam_CM": 
 
 
 @st.composite
-def critical_hypers(draw, *, buffer: bool | None = None, low_precision: bool = False) -> dict:
+def critical_hypers(draw, *, buffer: bool | None = None, low_precision: bool = False, deciding: bool = False) -> dict:
     """The critical-buffer hyperparameters. ``buffer=True``: kappa > 0 and topC >= 1 (a buffer
-    exists); ``False``: kappa == 0 or topC == 0 (the degenerate, base-rule case); None: either."""
+    exists); ``False``: kappa == 0 or topC == 0 (the degenerate, base-rule case); None: either.
+    ``deciding``: mostly ``deciding_decays`` and critical_test 0, so a full buffer both admits
+    and refuses (the edge values stay in the mix)."""
     if buffer is None:
         buffer = draw(st.integers(0, 4)) != 0
     if buffer:
@@ -291,14 +368,19 @@ def critical_hypers(draw, *, buffer: bool | None = None, low_precision: bool = F
         top_c = 0 if which != "kappa" else draw(st.integers(1, 6))
         kappa = 0.0 if which != "topC" else draw(kappas_positive)
     dtypes = [None, torch.float64, torch.float32] + ([torch.bfloat16, torch.float16] if low_precision else [torch.bfloat16])
+    if deciding:
+        decay = draw(decays) if draw(st.integers(0, 5)) == 0 else draw(deciding_decays)
+        critical_test = draw(critical_tests) if draw(st.integers(0, 3)) == 0 else 0.0
+    else:
+        decay, critical_test = draw(decays), draw(critical_tests)
     return {
         "topC": top_c,
         "kappa": kappa,
-        "decay": draw(decays),
+        "decay": decay,
         "synced": draw(st.booleans()),
         "aggr": draw(st.sampled_from(AGGREGATIONS)),
         "buffer_dtype": draw(st.sampled_from(dtypes)),
-        "critical_test": draw(critical_tests),
+        "critical_test": critical_test,
         "seed": draw(st.integers(-(2**40), 2**40)),
     }
 
@@ -315,11 +397,13 @@ def base_hypers(name: str, **kw) -> st.SearchStrategy[dict]:
 
 
 @st.composite
-def rule_hypers(draw, name: str, *, buffer: bool | None = None, low_precision: bool = False) -> dict:
-    """Full constructor kwargs for rule ``name`` (critical rules: base + buffer hyperparameters)."""
+def rule_hypers(draw, name: str, *, buffer: bool | None = None, low_precision: bool = False, deciding: bool = False) -> dict:
+    """Full constructor kwargs for rule ``name`` (critical rules: base + buffer hyperparameters;
+    ``deciding``: see ``critical_hypers``)."""
     if name in BASE_OF:
         base = {"SGD_C": sgd_hypers(), "Adam_C": adam_hypers(), "RMSprop_C": rmsprop_hypers(), "Adam_CM": adam_hypers()}
-        return {**draw(base[name]), **draw(critical_hypers(buffer=buffer, low_precision=low_precision))}
+        crit = critical_hypers(buffer=buffer, low_precision=low_precision, deciding=deciding)
+        return {**draw(base[name]), **draw(crit)}
     return draw(base_hypers(name))
 
 
@@ -344,7 +428,11 @@ def per_step_overrides(draw, name: str) -> dict:
     return {n: draw(_PER_STEP_VALUES[n]) for n in names if draw(st.integers(0, 2)) == 0}
 
 
-def decay_overrides() -> st.SearchStrategy[dict]:
-    """Mostly no override (the rule's own decay), sometimes a per-step decay."""
+def decay_overrides(*, deciding: bool = False) -> st.SearchStrategy[dict]:
+    """Mostly no override (the rule's own decay), sometimes a per-step decay (``deciding``:
+    mostly one of ``deciding_decays``)."""
+    if deciding:
+        per_step = st.one_of(decays, deciding_decays, deciding_decays)
+        return st.one_of(st.just({}), st.just({}), st.just({}), st.builds(lambda d: {"decay": d}, per_step))
     return st.one_of(st.just({}), st.just({}), st.builds(lambda d: {"decay": d}, decays))
 

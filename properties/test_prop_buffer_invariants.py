@@ -1,6 +1,11 @@
 """SPEC.md "Invariants" of the critical buffer, checked after every step of the four critical
 rules (SGD_C, Adam_C, RMSprop_C, Adam_CM) on hypothesis-drawn pytrees, gradient streams and
 hyperparameters (a buffer always exists here: kappa > 0 and topC >= 1).
+
+The cases make the buffer decide: decays mostly near 1, streams long enough to fill it whose
+scale grows and shrinks, per-leaf scale patterns that change from step to step, trees with runs
+of equal-sized tensors. Each property asserts (``sees_admissions_and_refusals``) that enough of
+its examples saw a full buffer both admit and refuse.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from harness import (
+    ADMISSIONS,
     bit_equal,
     bits,
     clone,
@@ -23,23 +29,34 @@ from harness import (
     row_of,
     rows_moved,
     run_stream,
+    sees_admissions_and_refusals,
 )
 from strategies import CRITICAL_RULES, decay_overrides, flat, grad_streams, rule_hypers, trees
 
 
+# Share of a property's examples that must see a full buffer both admit and refuse. More than
+# half do with these strategies; the rest are the edge values (decay far below 1: admitted
+# only; critical_test = 1) and the minimal examples hypothesis tries first.
+MIN_DECIDING_SHARE = 0.12
+
+
 @st.composite
-def critical_cases(draw, name: str, *, allow_none: bool | None = None, max_steps: int = 14):
-    """(hyper, tree, stream) with a buffer; decay sometimes overridden per step."""
-    tree = draw(trees(low_precision=True))
-    hyper = draw(rule_hypers(name, buffer=True, low_precision=tree.low_precision))
+def critical_cases(draw, name: str, *, allow_none: bool | None = None, extra_steps: int = 10):
+    """(hyper, tree, stream) with a buffer that has to decide (see the module docstring): the
+    stream fills it and then offers 3 to ``extra_steps`` more; decay sometimes overridden per step."""
+    tree = draw(trees(low_precision=True, max_leaves=6, runs=draw(st.booleans())))
+    hyper = draw(rule_hypers(name, buffer=True, low_precision=tree.low_precision, deciding=True))
     stream = draw(
         grad_streams(
             tree.n,
-            max_steps=max_steps,
+            min_steps=hyper["topC"] + 3,
+            max_steps=hyper["topC"] + extra_steps,
             low_precision=tree.low_precision,
             allow_none=True if allow_none is None else allow_none,
-            per_step=decay_overrides(),
+            per_step=decay_overrides(deciding=True),
             tensor_per_step=True,
+            walk=draw(st.integers(0, 3)) != 0,
+            leaf_scales=True,
         )
     )
     return hyper, tree, stream
@@ -68,6 +85,7 @@ def _decay_of(rec, hyper):
 
 
 @pytest.mark.parametrize("name", CRITICAL_RULES)
+@sees_admissions_and_refusals(MIN_DECIDING_SHARE)
 @given(data=st.data())
 def test_invariant_count_le_topC_and_count_eq_min_k_topC(name, data):
     """Invariant "count <= topC always; after a group's k-th step, count == min(k, topC)".
@@ -80,6 +98,7 @@ def test_invariant_count_le_topC_and_count_eq_min_k_topC(name, data):
     rule = make_rule(name, hyper)
     records = run_stream(rule, tree, stream)
     top_c, synced = hyper["topC"], hyper["synced"]
+    ADMISSIONS.note_records(records, synced)
     rows = 1 if synced else tree.n
     k = [0] * rows
     init = rule.init(tree.build()).critical
@@ -101,6 +120,7 @@ def test_invariant_count_le_topC_and_count_eq_min_k_topC(name, data):
 
 
 @pytest.mark.parametrize("name", CRITICAL_RULES)
+@sees_admissions_and_refusals(MIN_DECIDING_SHARE)
 @given(data=st.data())
 def test_invariant_buf_sum_equals_sum_of_filled_slots(name, data):
     """Invariant "buf_sum equals the sum of the filled slots (to rounding)".
@@ -114,6 +134,7 @@ def test_invariant_buf_sum_equals_sum_of_filled_slots(name, data):
     rule = make_rule(name, hyper)
     records = run_stream(rule, tree, stream)
     synced, top_c = hyper["synced"], hyper["topC"]
+    ADMISSIONS.note_records(records, synced)
     writes = [0] * tree.n
     biggest = [0.0] * tree.n
     for rec in records:
@@ -159,6 +180,7 @@ def _poison_unfilled(state, synced: bool):
 
 
 @pytest.mark.parametrize("name", CRITICAL_RULES)
+@sees_admissions_and_refusals(MIN_DECIDING_SHARE)
 @given(data=st.data())
 def test_invariant_unfilled_slots_are_never_read(name, data):
     """Invariant "unfilled slots are never read" (the second half of the buf_sum invariant).
@@ -169,16 +191,23 @@ def test_invariant_unfilled_slots_are_never_read(name, data):
     (Synced runs use streams without None leaves: in synced mode a leaf skipped while the group
     fills a slot keeps that slot's old content, which then *is* a filled slot by the group count.)
     """
-    tree = data.draw(trees(low_precision=True), label="tree")
-    hyper = data.draw(rule_hypers(name, buffer=True, low_precision=tree.low_precision), label="hyper")
+    tree = data.draw(trees(low_precision=True, max_leaves=6, runs=data.draw(st.booleans())), label="tree")
+    hyper = data.draw(rule_hypers(name, buffer=True, low_precision=tree.low_precision, deciding=True), label="hyper")
     synced = hyper["synced"]
     stream = data.draw(
-        grad_streams(tree.n, max_steps=10, low_precision=tree.low_precision, allow_none=not synced, per_step=decay_overrides()),
+        grad_streams(
+            tree.n, min_steps=hyper["topC"] + 3, max_steps=hyper["topC"] + 10, low_precision=tree.low_precision,
+            allow_none=not synced, per_step=decay_overrides(deciding=True), walk=data.draw(st.integers(0, 3)) != 0, leaf_scales=True,
+        ),
         label="stream",
     )
-    start = data.draw(st.integers(0, len(stream) - 1), label="poison before step")
+    # unfilled slots exist while the buffer fills: poison before it is full, now and then later
+    last = len(stream) - 1
+    filling = st.integers(0, min(last, hyper["topC"] - 1))
+    start = data.draw(st.one_of(filling, filling, st.integers(0, last)), label="poison before step")
     rule = make_rule(name, hyper)
     clean = run_stream(rule, tree, stream)
+    ADMISSIONS.note_records(clean[start:], synced)
     _, spec = flat(tree.build())
     first = clean[start]
     poisoned = _poison_unfilled(first.state_before, synced)
@@ -204,6 +233,7 @@ def test_invariant_unfilled_slots_are_never_read(name, data):
 
 
 @pytest.mark.parametrize("name", CRITICAL_RULES)
+@sees_admissions_and_refusals(MIN_DECIDING_SHARE)
 @given(data=st.data())
 def test_invariant_keys_decay_and_written_key_is_nu_times_decay(name, data):
     """Invariant "keys of slots not written this step are exactly decay times their previous
@@ -219,6 +249,7 @@ def test_invariant_keys_decay_and_written_key_is_nu_times_decay(name, data):
     rule = make_rule(name, hyper)
     records = run_stream(rule, tree, stream)
     synced, top_c, q = hyper["synced"], hyper["topC"], hyper["critical_test"]
+    ADMISSIONS.note_records(records, synced)
     for rec in records:
         before, after = rec.state_before.critical, rec.state_after.critical
         key_dtype = before.keys.dtype
@@ -288,6 +319,7 @@ def _offered_values(name, hyper, rec, m_track):
 
 
 @pytest.mark.parametrize("name", CRITICAL_RULES)
+@sees_admissions_and_refusals(MIN_DECIDING_SHARE)
 @given(data=st.data())
 def test_invariant_every_stored_slot_was_offered_no_mixing(name, data):
     """Invariant "every stored slot is a value that was offered at some step (no mixing)".
@@ -304,6 +336,7 @@ def test_invariant_every_stored_slot_was_offered_no_mixing(name, data):
     rule = make_rule(name, hyper)
     records = run_stream(rule, tree, stream)
     synced, top_c = hyper["synced"], hyper["topC"]
+    ADMISSIONS.note_records(records, synced)
     leaves0 = records[0].params_before
     m_track = [torch.zeros_like(p) for p in leaves0]
     offered: list[list[torch.Tensor]] = [[] for _ in leaves0]
