@@ -82,6 +82,8 @@ def tensor_norms(state: CriticalBufferState, grads: Sequence[Tensor], segments=N
             block = flat[start : start + count * numel].view(count, numel)
             parts.append(torch.linalg.vector_norm(block, dim=1, dtype=state.keys.dtype))
             start += count * numel
+    if not parts:  # only empty tensors: one zero norm, as the leaves' own norms would be
+        return state.keys.new_zeros(1)
     return torch.cat(parts)
 
 
@@ -216,7 +218,7 @@ def _leaf_flags(finite: Tensor, segments, n: int) -> list[Tensor]:
         for count, numel in runs:
             parts.append(finite[t : t + count, None].expand(count, numel).reshape(-1))
             t += count
-        out.append(torch.cat(parts))
+        out.append(torch.cat(parts) if parts else finite.new_ones(0))
     return out
 
 
