@@ -28,7 +28,7 @@ CELL = r"""
 import json, resource, sys, torch
 sys.path.insert(0, {here!r})
 import memopt_func
-from memopt_func.benchmarking import time_steps
+from memopt_func.apps.benchmarking import time_steps
 from published_style import PUBLISHED_STYLE
 impl, name, n, size, steps, device = {impl!r}, {name!r}, {n}, {size}, {steps}, {device!r}
 torch.manual_seed(0)

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from memopt_func.compiled import Stepper  # noqa: E402
 from memopt_func import optim, rules  # noqa: E402
-from memopt_func.benchmarking import stream_bandwidth, synchronize, time_steps  # noqa: E402
+from memopt_func.apps.benchmarking import stream_bandwidth, synchronize, time_steps  # noqa: E402
 from published_style import PUBLISHED_STYLE  # noqa: E402
 
 CONFIGS = {

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from memopt_func import benchmarking, catalog, demo, surfaces
-from memopt_func.__main__ import main
+from memopt_func.apps import benchmarking, catalog, demo, surfaces
+from memopt_func.apps.cli import main
 from memopt_func.rules import RULES
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from memopt_func import rules
-from memopt_func.functional_example import small_mlp, train_functional, two_spirals
+from memopt_func.apps.functional_example import small_mlp, train_functional, two_spirals
 
 STEPS = 300
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 
-from ._rule import Rule
+from ..rules import Rule
 
 
 def two_spirals(n: int = 512, noise: float = 0.05, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,9 +20,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import _cli, catalog
+from . import catalog, common
 from .benchmarking import state_bytes
-from .compiled import compile_optimizer
+from ..compiled import compile_optimizer
 from .functional_example import small_mlp, two_spirals
 
 # Hyperparameters that train this demo well in its default number of steps (lr picked by a sweep
@@ -100,12 +100,12 @@ def train_one(
     cfg: DemoConfig,
     data: tuple[torch.Tensor, ...],
     compile_optimizer: Callable | None = None,
-    progress: Callable = _cli.quiet_progress,
+    progress: Callable = common.quiet_progress,
 ) -> RunResult:
     """Train a fresh copy of the demo model with optimizer ``name``."""
     x_tr, y_tr, x_va, y_va = data
     hyper = dict(DEMO_HYPER[name])
-    hyper["lr"] = _cli.resolve_lr(name, hyper["lr"], cfg.lr)
+    hyper["lr"] = common.resolve_lr(name, hyper["lr"], cfg.lr)
     model = small_mlp(seed=cfg.seed, hidden=cfg.hidden)
     opt = catalog.make_optimizer(name, model.parameters(), **hyper)
     wrap = compile_optimizer is not None and catalog.is_memory(name)
@@ -201,7 +201,7 @@ def _smooth(values: list[float], width: int) -> list[float]:
 
 
 def plot(results: list[RunResult], cfg: DemoConfig) -> list[Path]:
-    plt = _cli.pyplot()
+    plt = common.pyplot()
     paths = []
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), constrained_layout=True)
     width = max(1, cfg.steps // 50)
@@ -269,10 +269,10 @@ def write_results(results: list[RunResult], cfg: DemoConfig) -> list[Path]:
 def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> int:
     """The whole demo: train, print the table, write plots and results; returns the exit status."""
     wrap = compile_optimizer if cfg.compiled else None
-    _cli.prepare_out(cfg.out)
-    _cli.pyplot()  # fail before training if plots are impossible
+    common.prepare_out(cfg.out)
+    common.pyplot()  # fail before training if plots are impossible
     data = make_data(cfg)
-    progress = _cli.progress_factory(not cfg.progress)
+    progress = common.progress_factory(not cfg.progress)
     n_params = sum(p.numel() for p in small_mlp(cfg.seed, cfg.hidden).parameters())
     log(
         f"demo: two spirals, {cfg.n_train} train / {cfg.n_val} validation points, MLP 2-{cfg.hidden}-{cfg.hidden}-2 "
@@ -287,7 +287,7 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> int:
         except Exception as e:  # one broken optimizer must not hide the others' results
             results.append(RunResult(name, dict(DEMO_HYPER[name]), "eager", [], [], [], [], [], [], math.nan, math.nan, 0.0, math.nan, None, error=f"{type(e).__name__}: {e}"))
     log("")
-    log(_cli.format_table(HEADERS, table_rows(results)))
+    log(common.format_table(HEADERS, table_rows(results)))
     log(
         "step ms / iter ms: median wall time of optimizer.step() / of a whole iteration; state B/param: bytes of the "
         "optimizer's state tensors per parameter; admitted: share of critical-buffer offers admitted"

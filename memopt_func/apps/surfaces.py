@@ -23,8 +23,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from . import _cli, catalog
-from .rules import RULES
+from . import catalog, common
+from ..rules import RULES
 
 
 def ackley(p: Tensor) -> Tensor:
@@ -131,7 +131,7 @@ def rule_for(name: str, surface: Surface, overrides: dict[str, float]):
     """The functional rule ``name`` for ``surface``, with per-start (unsynced) critical buffers."""
     cls = RULES[name]
     default_lr = surface.sgd_lr if name in ("SGD", "SGD_C") else surface.lr
-    hyper: dict[str, Any] = {"lr": _cli.resolve_lr(name, default_lr, overrides)}
+    hyper: dict[str, Any] = {"lr": common.resolve_lr(name, default_lr, overrides)}
     if any(h.name == "synced" for h in cls.HYPERS):
         hyper["synced"] = False
     return cls(**hyper)
@@ -151,7 +151,7 @@ def in_basin(surface: Surface, points: Tensor) -> Tensor:
     return torch.isfinite(dist) & (dist <= surface.radius)
 
 
-def run_rule(surface: Surface, rule, start: Tensor, steps: int, progress: Callable = _cli.quiet_progress, desc: str = "") -> Tensor:
+def run_rule(surface: Surface, rule, start: Tensor, steps: int, progress: Callable = common.quiet_progress, desc: str = "") -> Tensor:
     """Run ``rule`` from every row of ``start`` independently; the path as [steps + 1, n, 2]."""
     points = [row.clone() for row in start]
     state = rule.init(points)
@@ -166,7 +166,7 @@ def run_rule(surface: Surface, rule, start: Tensor, steps: int, progress: Callab
     return path
 
 
-def run_one(surface: Surface, name: str, cfg: SurfacesConfig, progress: Callable = _cli.quiet_progress) -> SurfaceRun:
+def run_one(surface: Surface, name: str, cfg: SurfacesConfig, progress: Callable = common.quiet_progress) -> SurfaceRun:
     rule = rule_for(name, surface, cfg.lr)
     path = run_rule(surface, rule, starts(surface, cfg.starts, cfg.seed), cfg.steps, progress, f"{surface.name[:12]:<12} {name:<9}")
     final = path[-1]
@@ -201,7 +201,7 @@ def _grid(surface: Surface, n: int = 300) -> tuple[Tensor, Tensor, Tensor]:
 
 def plot_surface(surface: Surface, runs: list[SurfaceRun], cfg: SurfacesConfig) -> Path:
     """Trajectories of the first ``cfg.shown`` starts over the function's contours, one panel per optimizer."""
-    plt = _cli.pyplot()
+    plt = common.pyplot()
     from matplotlib import colors
 
     n = len(runs)
@@ -252,7 +252,7 @@ def plot_surface(surface: Surface, runs: list[SurfaceRun], cfg: SurfacesConfig) 
 
 def plot_summary(runs: list[SurfaceRun], cfg: SurfacesConfig) -> Path:
     """Per function: share of runs in the global basin (bars) and the final-loss spread (box plots)."""
-    plt = _cli.pyplot()
+    plt = common.pyplot()
     functions = list(dict.fromkeys(r.function for r in runs))
     fig, axes = plt.subplots(2, len(functions), figsize=(4.2 * len(functions), 7.0), squeeze=False, constrained_layout=True)
     for j, fname in enumerate(functions):
@@ -303,9 +303,9 @@ def write_results(runs: list[SurfaceRun], cfg: SurfacesConfig) -> list[Path]:
 
 def run(cfg: SurfacesConfig, log: Callable[[str], None] = print) -> int:
     """The whole experiment: run, print the table, write plots and results; returns the exit status."""
-    _cli.prepare_out(cfg.out)
-    _cli.pyplot()
-    progress = _cli.progress_factory(not cfg.progress)
+    common.prepare_out(cfg.out)
+    common.pyplot()
+    progress = common.progress_factory(not cfg.progress)
     log(
         f"surfaces: {cfg.starts} independent starts per optimizer, {cfg.steps} steps, seed {cfg.seed} "
         "(starts uniform in each function's box, the same for every optimizer)"
@@ -321,7 +321,7 @@ def run(cfg: SurfacesConfig, log: Callable[[str], None] = print) -> int:
         runs += mine
         paths.append(plot_surface(surface, mine, cfg))
     log("")
-    log(_cli.format_table(HEADERS, table_rows(runs), left=2))
+    log(common.format_table(HEADERS, table_rows(runs), left=2))
     log("f-f*: final loss above the global minimum over all starts (median and quartiles); inf: the run diverged")
     paths.append(plot_summary(runs, cfg))
     paths += write_results(runs, cfg)

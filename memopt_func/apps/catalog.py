@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 import torch
 
-from . import optim as dropin
+from .. import optim as dropin
 
 TORCH_OPTIM = ("Adam", "AdamW", "SGD", "RMSprop")
 MEMORY = ("Adam_CM", "Adam_C", "SGD_C", "RMSprop_C", "AdEMAMix")

@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import torch
 
-from . import _cli, benchmarking, catalog
-from .compiled import compile_optimizer
+from . import benchmarking, catalog, common
+from ..compiled import compile_optimizer
 
 
 @dataclass
@@ -42,11 +42,11 @@ def check_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise _cli.CLIError(f"invalid --device {device!r}: {e}") from None
+        raise common.CLIError(f"invalid --device {device!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise _cli.CLIError(f"--device {device}: CUDA is not available in this torch build / machine")
+        raise common.CLIError(f"--device {device}: CUDA is not available in this torch build / machine")
     if dev.type not in ("cpu", "cuda"):
-        raise _cli.CLIError(f"--device {device}: only cpu and cuda are supported")
+        raise common.CLIError(f"--device {device}: only cpu and cuda are supported")
     return dev
 
 
@@ -67,7 +67,7 @@ def table_rows(cells: list[benchmarking.StepTiming], bandwidth: float) -> list[l
 
 
 def plot(cells: list[benchmarking.StepTiming], bandwidth: float, cfg: BenchConfig) -> Path:
-    plt = _cli.pyplot()
+    plt = common.pyplot()
     fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(14, 5.2), constrained_layout=True)
     cmap = plt.get_cmap("tab10")
     names = list(dict.fromkeys(c.optimizer for c in cells))
@@ -131,8 +131,8 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> int:
     """Measure, print the table, write the plot and results; returns the exit status."""
     device = check_device(cfg.device)
     wrap_compiled = compile_optimizer if cfg.compiled else None
-    _cli.prepare_out(cfg.out)
-    _cli.pyplot()
+    common.prepare_out(cfg.out)
+    common.pyplot()
     bandwidth = benchmarking.copy_bandwidth(cfg.copy_mb * 2**20, device=device)
     log(
         f"bench: {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, seed {cfg.seed}; copy bandwidth "
@@ -144,7 +144,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> int:
             jobs.append((name, size, None))
             if wrap_compiled is not None and catalog.is_memory(name):
                 jobs.append((name, size, wrap_compiled))
-    progress = _cli.progress_factory(not cfg.progress)
+    progress = common.progress_factory(not cfg.progress)
     # A throwaway cell first: the first steps of a process pay for thread-pool and allocator warm-up.
     benchmarking.time_optimizer("Adam", min(cfg.sizes), n_tensors=cfg.tensors, device=device, warmup=3, repeats=5)
     best: dict[tuple[str, int, str], benchmarking.StepTiming] = {}
@@ -162,7 +162,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> int:
     cells = list(best.values())
     cells.sort(key=lambda c: (c.params, cfg.optimizers.index(c.optimizer), c.mode == "compiled"))
     log("")
-    log(_cli.format_table(HEADERS, table_rows(cells, bandwidth), left=2))
+    log(common.format_table(HEADERS, table_rows(cells, bandwidth), left=2))
     log(
         f"step ms: median of timed optimizer.step() calls (fastest of {cfg.rounds} rounds); roofline ms: (2*params + grads + 2*per-parameter state, buffer = 1 slot) bytes / copy "
         "bandwidth; x roofline: step / roofline; vs Adam: step / torch.optim.Adam (foreach) step at that size"

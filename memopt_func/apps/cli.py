@@ -1,0 +1,218 @@
+"""memopt-func: compare memory-augmented optimizers on a small model, on 2-D test functions, and by step time.
+
+  memopt-func demo       train a small MLP on two spirals with each optimizer (table + loss plots)
+  memopt-func surfaces   the critical-momenta exploration experiment on 2-D test functions
+  memopt-func bench      optimizer step time against parameter count, with the byte roofline
+
+Every subcommand runs in minutes on a laptop CPU with its defaults; see `memopt-func CMD --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+import time
+
+import torch
+
+from . import catalog, common
+from .surfaces import SURFACES
+
+
+def _paragraphs(*texts: str) -> str:
+    """Help text as wrapped paragraphs (the subparsers keep line breaks as written)."""
+    return "\n\n".join(textwrap.fill(t, 79) for t in texts)
+
+
+def _add_threads(parser: argparse.ArgumentParser, default: int | None) -> None:
+    if default is None:
+        text = "torch intra-op threads (default: torch's choice)"
+    else:
+        text = f"torch intra-op threads (default: {default}; the tensors are tiny, so more threads only add wake-up cost)"
+    parser.add_argument("--threads", type=common.positive_int, default=default, help=text)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from .demo import DEMO_HYPER, DemoConfig
+
+    d = DemoConfig()
+    p = sub.add_parser(
+        "demo",
+        help="train a small MLP on two spirals with each optimizer and compare",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_paragraphs(
+            "Train a 2-H-H-2 tanh MLP on the bundled two-spirals data (generated, no downloads) with each "
+            "optimizer from the same initial weights; print final train/validation loss and accuracy, "
+            "optimizer-step time and optimizer-state bytes per parameter; write loss-curve plots "
+            "(loss_curves.png, state_bytes.png) and results (results.csv, curves.json) into --out."
+        ),
+        epilog=_paragraphs(
+            "default hyperparameters: " + "; ".join(f"{k} " + ", ".join(f"{a}={v:g}" for a, v in h.items()) for k, h in DEMO_HYPER.items()),
+            "SGD_C runs without momentum: the sum of its gradient and buffer mean already acts like momentum.",
+        ),
+    )
+    common.add_common(
+        p, default_out="memopt_out/demo", default_optimizers=catalog.DEFAULT, valid=catalog.NAMES, seed=d.seed,
+        seed_help="seed of the data, the initial weights and the batch order",
+    )
+    p.add_argument("--steps", type=common.positive_int, default=d.steps, help=f"training steps per optimizer (default: {d.steps})")
+    p.add_argument("--batch-size", type=common.positive_int, default=d.batch_size, help=f"mini-batch size (default: {d.batch_size})")
+    p.add_argument("--hidden", type=common.positive_int, default=d.hidden, help=f"hidden width of the MLP (default: {d.hidden})")
+    p.add_argument("--train-size", type=common.positive_int, default=d.n_train, help=f"training points (default: {d.n_train})")
+    p.add_argument("--val-size", type=common.positive_int, default=d.n_val, help=f"validation points (default: {d.n_val})")
+    p.add_argument("--eval-every", type=common.positive_int, default=d.eval_every, help=f"steps between full-set evaluations (default: {d.eval_every})")
+    p.add_argument(
+        "--lr", type=common.lr_overrides(), action="append", metavar="NAME=LR",
+        help="override learning rates: NAME=LR[,NAME=LR...], or one LR for all; may be repeated",
+    )
+    p.add_argument("--compiled", action="store_true", help="step the memory optimizers through memopt_func.compiled.compile_optimizer")
+    _add_threads(p, 1)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run
+
+    if args.train_size < 2 or args.val_size < 2:
+        raise common.CLIError("--train-size and --val-size must be at least 2 (one point per spiral arm)")
+    cfg = DemoConfig(
+        optimizers=args.optimizers, steps=args.steps, batch_size=min(args.batch_size, args.train_size),
+        n_train=args.train_size, n_val=args.val_size, hidden=args.hidden, eval_every=args.eval_every,
+        seed=args.seed, lr=common.merge_lr_overrides(args.lr), out=args.out, compiled=args.compiled,
+        progress=not args.no_progress,
+    )
+    return run(cfg)
+
+
+def _function_list(text: str) -> list[str]:
+    try:
+        return catalog.parse_names(text, list(SURFACES))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("optimizer", "function")) from None
+
+
+def _add_surfaces(sub: argparse._SubParsersAction) -> None:
+    from .surfaces import SurfacesConfig
+
+    c = SurfacesConfig()
+    p = sub.add_parser(
+        "surfaces",
+        help="exploration experiment on 2-D test functions (share of runs reaching the global basin)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_paragraphs(
+            "The critical-momenta paper's exploration experiment: from many random starts (the same for every "
+            "optimizer), run each optimizer on 2-D test functions and report the share of runs ending in the "
+            "global minimum's basin (within a per-function radius of a global minimiser) and the final-loss "
+            "distribution; write trajectory plots over the contours (trajectories_<function>.png), summary.png "
+            "and results into --out. Each start is an independent run of the functional rule (per-start "
+            "critical buffers, synced=False)."
+        ),
+        epilog="functions: starts drawn in box x, y; global basin radius r; lr of the adaptive / SGD-type rules\n"
+        + "\n".join(
+            f"  {s.name:<16} x {s.bounds[0]}, y {s.bounds[1]}; r {s.radius}; lr {s.lr:g} / {s.sgd_lr:g}" for s in SURFACES.values()
+        ),
+    )
+    valid = list(catalog.NAMES)
+    common.add_common(
+        p, default_out="memopt_out/surfaces", default_optimizers=catalog.DEFAULT, valid=valid, seed=c.seed,
+        seed_help="seed of the random starts",
+    )
+    p.add_argument("--functions", type=_function_list, default=c.functions, metavar="NAMES", help=f"comma-separated test functions (default: all: {','.join(SURFACES)})")
+    p.add_argument("--starts", type=common.positive_int, default=c.starts, help=f"random starts per optimizer and function (default: {c.starts})")
+    p.add_argument("--steps", type=common.positive_int, default=c.steps, help=f"optimizer steps per run (default: {c.steps})")
+    p.add_argument("--shown", type=common.positive_int, default=c.shown, help=f"trajectories drawn per panel (default: {c.shown})")
+    p.add_argument(
+        "--lr", type=common.lr_overrides(valid), action="append", metavar="NAME=LR",
+        help="override learning rates (all functions): NAME=LR[,NAME=LR...], or one LR for all; may be repeated",
+    )
+    _add_threads(p, 1)
+    p.set_defaults(func=_run_surfaces)
+
+
+def _run_surfaces(args: argparse.Namespace) -> int:
+    from .surfaces import SurfacesConfig, run
+
+    cfg = SurfacesConfig(
+        functions=args.functions, optimizers=args.optimizers, starts=args.starts, steps=args.steps, seed=args.seed,
+        lr=common.merge_lr_overrides(args.lr), shown=args.shown, out=args.out, progress=not args.no_progress,
+    )
+    return run(cfg)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .bench_report import BenchConfig
+
+    b = BenchConfig()
+    p = sub.add_parser(
+        "bench",
+        help="optimizer step time against parameter count, with the byte roofline",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_paragraphs(
+            "Time optimizer.step() (fixed random gradients, float32) for each optimizer at several parameter "
+            "counts: this package's drop-ins eagerly (and through memopt_func.compiled.compile_optimizer with --compiled) "
+            "against torch.optim.Adam/AdamW (foreach). The roofline is the bytes a step must move (params read "
+            "and written, grads read, each per-parameter state tensor read and written, over the copy "
+            "bandwidth measured in the same run. Writes step_time.png, results.csv and results.json into --out.",
+            "A critical buffer counts as the one slot a step writes: its other topC - 1 slots are not touched.",
+        ),
+    )
+    common.add_common(
+        p, default_out="memopt_out/bench", default_optimizers=catalog.DEFAULT, valid=catalog.NAMES, seed=b.seed,
+        seed_help="seed of the parameters and gradients",
+    )
+    p.add_argument("--sizes", type=common.sizes, default=b.sizes, metavar="N,N,...", help="parameter counts, e.g. 1e4,1e5,1M (default: 1e4,1e5,1e6)")
+    p.add_argument("--tensors", type=common.positive_int, default=b.tensors, help=f"tensors the parameters are split into (default: {b.tensors})")
+    p.add_argument("--warmup", type=common.nonnegative_int, default=b.warmup, help=f"untimed steps first; at least 1 is always run (default: {b.warmup})")
+    p.add_argument("--repeats", type=common.positive_int, default=b.repeats, help=f"timed steps per cell, at most (default: {b.repeats})")
+    p.add_argument("--budget", type=common.positive_float, default=b.budget_s, metavar="SECONDS", help=f"stop timing a cell after this many seconds (at least 3 steps; default: {b.budget_s})")
+    p.add_argument("--rounds", type=common.positive_int, default=b.rounds, help=f"passes over all cells; each cell keeps its fastest pass (default: {b.rounds})")
+    p.add_argument("--copy-mb", type=common.positive_int, default=b.copy_mb, help=f"MiB copied to measure the bandwidth (default: {b.copy_mb})")
+    p.add_argument("--device", default=b.device, help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--compiled", action="store_true", help="also time the drop-ins through memopt_func.compiled.compile_optimizer (compiles once per cell)")
+    _add_threads(p, None)
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench_report import BenchConfig, run
+
+    cfg = BenchConfig(
+        optimizers=args.optimizers, sizes=args.sizes, tensors=args.tensors, warmup=args.warmup, repeats=args.repeats,
+        budget_s=args.budget, rounds=args.rounds, copy_mb=args.copy_mb, compiled=args.compiled, device=args.device, seed=args.seed,
+        out=args.out, progress=not args.no_progress,
+    )
+    return run(cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memopt-func", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,surfaces,bench}")
+    _add_demo(sub)
+    _add_surfaces(sub)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    try:
+        status = args.func(args)
+    except common.CLIError as e:
+        parser.exit(2, f"{parser.prog} {args.command}: error: {e}\n")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        torch.set_num_threads(threads)
+    print(f"{args.command} finished in {time.perf_counter() - start:.1f} s")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
