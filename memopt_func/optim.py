@@ -150,7 +150,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
             (h.name, _is_python_zero(group[h.name])) if h.dynamic else (h.name, group[h.name]) for h in self.RULE.HYPERS
         )
 
-    def _check_layout_kept(self, index: int, group: dict[str, Any], rule: Rule, params: list[Tensor]) -> None:
+    def _check_layout_kept(self, group: dict[str, Any], rule: Rule, params: list[Tensor]) -> None:
         """A group's state keeps the layout it was made with: a structural hyperparameter
         (``topC``, ``synced``, ``buffer_dtype``, ``amsgrad``, a momentum set to or from 0, ...)
         changed after the state exists raises, naming it; other changes apply from this step on."""
@@ -163,7 +163,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
             return
         changed = [f"{n!r} from {old_values[n]!r} to {group[n]!r}" for (n, o), (_, v) in zip(before, key) if o != v]
         raise ValueError(
-            f"{type(self).__name__}: param group {index} changed {', '.join(changed)} after its state was made, "
+            f"changed {', '.join(changed)} after its state was made, "
             "which changes the state's layout; set it before the first step, or start a new optimizer "
             "(or a new param group) for it"
         )
@@ -248,15 +248,15 @@ class MemoryOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         if all(g is None for g in grads):
             return None
-        rule = self._rule(group)
         views = _real(params)
-        if self.state.get(params[0]):
-            self._check_layout_kept(index, group, rule, views)
-        state = self._group_state(group, rule, views, store=False)
-        per_step = {name: group[name] for name in rule.dynamic_names()}
-        chunk = self.cpu_chunk_numel if params[0].device.type == "cpu" else None
-        grads = [None if g is None else (torch.view_as_real(g) if g.is_complex() else g) for g in grads]
         try:
+            rule = self._rule(group)
+            if self.state.get(params[0]):
+                self._check_layout_kept(group, rule, views)
+            state = self._group_state(group, rule, views, store=False)
+            per_step = {name: group[name] for name in rule.dynamic_names()}
+            chunk = self.cpu_chunk_numel if params[0].device.type == "cpu" else None
+            grads = [None if g is None else (torch.view_as_real(g) if g.is_complex() else g) for g in grads]
             prepared = rule.prepare(views, grads, state, chunk_numel=chunk, **per_step)
         except ValueError as e:
             raise ValueError(f"{type(self).__name__}, param group {index}: {e}") from None

@@ -141,25 +141,24 @@ def test_nonfinite_in_a_flat_compiled_stepper_leaves_the_other_tensors_of_its_bu
     keep their old slot values."""
     shapes = [(8, 8), (8, 8), (8, 8)]
     rule = rules.Adam_C(lr=1e-2, topC=2, decay=0.99)
-    bad = {(3, 1): math.inf}
-    results = []
-    for compiled_step in (False, True):
-        params = [torch.linspace(-1, 1, 64).reshape(8, 8) + i for i in range(3)]
-        stepper = Stepper(rule, params, compile=compiled_step)
-        for k in range(8):
-            grads = [g.float() for g in _stream(k, shapes)]
-            if k == 3:
-                grads[1][0, 0] = math.inf
-            stepper.step(grads)
-        results.append((stepper.params, stepper.per_tensor_state()))
-    ref_params = [torch.linspace(-1, 1, 64).reshape(8, 8) + i for i in range(3)]
-    state = rule.init(ref_params)
-    for k in range(8):
-        grads = [g.float() for g in _stream(k, shapes)]
+
+    def grads(k):
+        out = [g.float() for g in _stream(k, shapes)]
         if k == 3:
-            grads[1][0, 0] = math.inf
-        ref_params, state = rule.step(ref_params, grads, state)
-    for params, st in results:
+            out[1][0, 0] = math.inf
+        return out
+
+    def start():
+        return [torch.linspace(-1, 1, 64).reshape(8, 8) + i for i in range(3)]
+
+    ref_params, state = start(), rule.init(start())
+    for k in range(8):
+        ref_params, state = rule.step(ref_params, grads(k), state)
+    for compiled_step in (False, True):
+        stepper = Stepper(rule, start(), compile=compiled_step)
+        for k in range(8):
+            stepper.step(grads(k))
+        params, st = stepper.params, stepper.per_tensor_state()
         assert torch.isfinite(st.critical.keys).all() and int(st.critical.nonfinite.sum()) == 1
         for i in (0, 2):
             torch.testing.assert_close(params[i], ref_params[i], rtol=1e-5, atol=1e-6)

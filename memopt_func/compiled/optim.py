@@ -73,16 +73,19 @@ class CompiledOptimizer(MemoryOptimizer):
         grads = [p.grad for p in params]
         if all(g is None for g in grads):
             return False
-        rule = self._rule(group)
+        try:
+            rule = self._rule(group)
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}, param group {index}: {e}") from None
         for i, p in enumerate(params):
             if p.is_complex():
                 raise ValueError(
                     f"{type(self).__name__}, param group {index}: parameter {i} is complex ({p.dtype}); compiled "
                     "stepping takes real tensors (the eager drop-in steps complex parameters)"
                 )
-        if self.state.get(params[0]):
-            self._check_layout_kept(index, group, rule, list(params))
         try:
+            if self.state.get(params[0]):
+                self._check_layout_kept(group, rule, list(params))
             _tree.flatten_grads(grads, pytree.tree_structure(list(params)), params)
             rule._resolve({name: group[name] for name in rule.dynamic_names()})
         except ValueError as e:
