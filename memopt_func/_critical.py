@@ -106,3 +106,53 @@ class CriticalRule(Rule):
         crit = cb.write(crit, x, idx, decision, ctx.donate)
         new_params, base = self.base._update(params, a, base, idx, self._base_hyper_after_buffer(hb), ctx)
         return new_params, base, crit
+
+
+_CRITICAL_OF: dict[type[Rule], type[CriticalRule]] = {}
+
+
+def critical_class(base: type[Rule]) -> type[CriticalRule]:
+    """The critical-gradient rule over a base rule class: the named one where the package has it
+    (Adam -> Adam_C, RMSprop -> RMSprop_C, SGD -> SGD_C), else ``<Base>_C`` (topC 10, ``aggr="sum"``,
+    the raw gradient offered, as Adam_C does)."""
+    if issubclass(base, CriticalRule) or base.__name__ in ("Adam_CM",):
+        raise ValueError(f"{base.__name__} already keeps a critical buffer; give with_critical_buffer its base rule")
+    cls = _CRITICAL_OF.get(base)
+    if cls is None:
+        cls = _CRITICAL_OF[base] = type(
+            f"{base.__name__}_C",
+            (CriticalRule,),
+            {
+                "BASE": base,
+                "HYPERS": base.HYPERS + critical_hypers(top_c=10, aggr="sum"),
+                "__doc__": f"{base.__name__} on the critical-gradient aggregate (``rules.with_critical_buffer``).",
+                "__module__": __name__,
+            },
+        )
+    return cls
+
+
+def register_critical(base: type[Rule], cls: type[CriticalRule]) -> None:
+    """Name the package's own critical rule over a base (``critical_class`` then returns it)."""
+    _CRITICAL_OF[base] = cls
+
+
+def with_critical_buffer(rule: Rule, **critical: Any) -> CriticalRule:
+    """``rule`` with its gradient input replaced by the critical-buffer aggregate (SPEC.md, "The
+    critical buffer"): per step the raw gradient's priority decides admission, the rule steps on
+    ``aggregate(g)`` and ``g`` is offered. ``critical`` takes ``topC``, ``decay``, ``kappa``,
+    ``aggr``, ``synced``, ``buffer_dtype``, ``critical_test`` and ``seed`` (defaults: the named
+    rule's where the package has one, else topC 10 and ``aggr="sum"``). Over Adam, RMSprop and
+    SGD this is exactly Adam_C, RMSprop_C and SGD_C; at ``kappa == 0`` it is the rule itself."""
+    cls = critical_class(type(rule))
+    names = {h.name for h in cls.HYPERS}
+    crit_names = {h.name for h in critical_hypers(0, "sum")}
+    unknown = sorted(set(critical) - crit_names)
+    if unknown:
+        raise TypeError(f"with_critical_buffer got unknown argument(s) {unknown}; it takes {sorted(crit_names)}")
+    dropped = {k: v for k, v in rule.hyper.items() if k not in names}
+    for k, v in dropped.items():
+        default = next(h.default for h in type(rule).HYPERS if h.name == k)
+        if v != default:
+            raise ValueError(f"{cls.__name__} has no {k!r}: cannot carry {type(rule).__name__}'s {k}={v!r}")
+    return cls(**{k: v for k, v in rule.hyper.items() if k in names}, **critical)

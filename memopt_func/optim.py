@@ -456,4 +456,32 @@ class AdEMAMix(MemoryOptimizer):
     POSITIONAL = ("lr", "betas", "alpha", "beta3_warmup", "alpha_warmup", "eps", "weight_decay")
 
 
-__all__ = ["MemoryOptimizer", "Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix"]
+_FROM_RULE: dict[type[Rule], type[MemoryOptimizer]] = {}
+
+
+def optimizer_class(rule_cls: type[Rule]) -> type[MemoryOptimizer]:
+    """The drop-in optimizer class of a rule class (the named drop-in where the package has one)."""
+    for named in (Adam_CM, Adam_C, RMSprop_C, SGD_C, AdEMAMix):
+        if named.RULE is rule_cls:
+            return named
+    cls = _FROM_RULE.get(rule_cls)
+    if cls is None:
+        cls = _FROM_RULE[rule_cls] = type(
+            f"{rule_cls.__name__}Optimizer",
+            (MemoryOptimizer,),
+            {"RULE": rule_cls, "__doc__": f"Drop-in optimizer over the rule {rule_cls.__name__}.", "__module__": __name__},
+        )
+    return cls
+
+
+def from_rule(params: Iterable, rule: Rule, *, differentiable: bool = False) -> MemoryOptimizer:
+    """A ``torch.optim.Optimizer`` stepping ``rule`` (any rule of this package, for example one
+    made by ``rules.with_critical_buffer``) over ``params``, with the rule's hyperparameters as its
+    defaults: param groups, ``state_dict``, schedulers and ``compiled.compile_optimizer`` as for
+    the named drop-ins."""
+    if not isinstance(rule, Rule):
+        raise TypeError(f"from_rule takes a memopt_func rule, got {type(rule).__name__}")
+    return optimizer_class(type(rule))(params, differentiable=differentiable, **rule.hyper)
+
+
+__all__ = ["MemoryOptimizer", "Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix", "from_rule", "optimizer_class"]

@@ -6,7 +6,7 @@
 
 import torch
 
-from ._critical import CriticalState
+from ._critical import CriticalState, critical_class, register_critical, with_critical_buffer
 from ._rule import Rule
 from .adam import Adam, AdamState, AdamW
 from .adam_c import Adam_C
@@ -18,6 +18,9 @@ from .rmsprop_c import RMSprop_C
 from .sgd import SGD, SGDState
 from .sgd_c import SGD_C
 
+for _base, _critical in ((Adam, Adam_C), (RMSprop, RMSprop_C), (SGD, SGD_C)):
+    register_critical(_base, _critical)
+
 # States are NamedTuples of tensors: let torch.load(..., weights_only=True) rebuild them.
 torch.serialization.add_safe_globals([AdamState, SGDState, RMSpropState, AdEMAMixState, CriticalState, CriticalBufferState])
 
@@ -27,6 +30,8 @@ RULES: dict[str, type[Rule]] = {
 
 __all__ = [
     "Rule",
+    "with_critical_buffer",
+    "critical_class",
     "RULES",
     "Adam",
     "AdamW",

@@ -146,9 +146,11 @@ _BY_EAGER = {eager.Adam_CM: Adam_CM, eager.Adam_C: Adam_C, eager.RMSprop_C: RMSp
 
 def compile_optimizer(opt: MemoryOptimizer, *, flat: bool | None = None, cuda_graph: bool | None = None) -> CompiledOptimizer:
     """The compiled twin of a drop-in optimizer, with its param groups and state."""
+    if not isinstance(opt, MemoryOptimizer) or isinstance(opt, CompiledOptimizer):
+        raise TypeError(f"compile_optimizer takes a memopt_func drop-in optimizer, got {type(opt).__name__}")
     cls = _BY_EAGER.get(type(opt))
     if cls is None:
-        raise TypeError(f"compile_optimizer takes a memopt_func drop-in optimizer, got {type(opt).__name__}")
+        cls = _BY_EAGER[type(opt)] = _compiled_class(type(opt))
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": g["params"]} for g in opt.param_groups]
     twin = cls(groups, flat=flat, cuda_graph=cuda_graph, **{h.name: opt.defaults[h.name] for h in cls.RULE.HYPERS})
     twin.load_state_dict(opt.state_dict())
