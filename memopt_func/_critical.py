@@ -86,6 +86,8 @@ class CriticalRule(Rule):
             return new_params, CriticalState(base, None)
         crit = state.critical
         norms = cb.tensor_norms(crit, grads, ctx.segments)
+        if ctx.norms is not None:
+            norms = ctx.norms.full_norms(norms)
         decision = cb.decide(
             crit, idx, cb.priority_of(crit, norms), h["critical_test"], h["seed"], torch.isfinite(norms), ctx.segments
         )

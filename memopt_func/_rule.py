@@ -10,7 +10,7 @@ from typing import Any, ClassVar, NamedTuple, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _tree
+from . import _tree, sharding
 from ._hyper import Hyper
 
 
@@ -36,6 +36,7 @@ class StepContext(NamedTuple):
     donate: bool
     segments: list[Segments | None] | None  # per present leaf, see Rule.step
     parts: list[list[int]]  # positions among the present leaves, a run at a time, see Rule.step
+    norms: Any = None  # a sharding.NormReducer when the leaves are shards of DTensors
 
 
 class Rule:
@@ -82,9 +83,13 @@ class Rule:
         return f"{type(self).__name__}({args})"
 
     def init(self, params: Any) -> NamedTuple:
-        """Fresh state for a parameter pytree: zeros on the parameters' device."""
+        """Fresh state for a parameter pytree: zeros on the parameters' device (for DTensor
+        parameters, DTensors sharded like them; see ``sharding``)."""
         leaves, _ = _tree.flatten_params(params)
-        return self._init([p.detach() for p in leaves])
+        leaves = [p.detach() for p in leaves]
+        if not sharding.any_sharded(leaves):
+            return self._init(leaves)
+        return sharding.globalize(self._init([sharding.local(p) for p in leaves]), leaves)
 
     def step(
         self,
@@ -144,14 +149,27 @@ class Rule:
         if not idx:
             return params, state
         grads = _tree.take(gleaves, idx)
+        present = _tree.take(leaves, idx)
+        reducer, sharded = None, sharding.any_sharded(leaves)
+        if sharded:  # step the local shards; norms combined across ranks
+            reducer = sharding.NormReducer(present) or None
+            grads = [sharding.local(g) for g in grads]
+            present = [sharding.local(p) for p in present]
+            sharded_state, state = state, sharding.localize(state, leaves)
         if h.get("maximize"):
             grads = list(torch._foreach_neg(grads))
         ctx = StepContext(
             donate=donate,
             segments=_tree.take(segments, idx) if segments else None,
             parts=_parts([leaves[i].numel() for i in idx], chunk_numel),
+            norms=reducer,
         )
-        new_present, new_state = self._update_all(_tree.take(leaves, idx), grads, state, idx, h, ctx)
+        new_present, new_state = self._update_all(present, grads, state, idx, h, ctx)
+        if sharded:
+            new_present = [
+                leaves[i] if n is sharding.local(leaves[i]) else sharding.like(n, leaves[i]) for i, n in zip(idx, new_present)
+            ]
+            new_state = sharding.globalize(new_state, leaves, before=sharded_state)
         return _tree.unflatten(_tree.put(leaves, idx, new_present), spec), new_state
 
     def check_state(self, state: NamedTuple, params: Sequence[Tensor]) -> None:
@@ -163,7 +181,7 @@ class Rule:
         key = tuple((tuple(p.shape), p.dtype) for p in params)
         want = self._layouts.get(key) if hasattr(self, "_layouts") else None
         if want is None:
-            want = self._init([torch.empty_like(p, device="meta") for p in params])
+            want = self._init(_tree.meta_like(params))
             self.__dict__.setdefault("_layouts", {})[key] = want
         problem = _tree.layout_mismatch(state, want)
         if problem:

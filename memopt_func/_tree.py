@@ -128,6 +128,12 @@ def _per_leaf_fields(state: Any):
             yield field, value
 
 
+def meta_like(params: Sequence[Tensor]) -> list[Tensor]:
+    """Shape-and-dtype stand-ins on the meta device (a DTensor's global shape), to lay out a
+    state without computing or allocating one."""
+    return [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in params]
+
+
 def unflatten(leaves: Sequence[Tensor], spec: pytree.TreeSpec) -> Any:
     return pytree.tree_unflatten(list(leaves), spec)
 

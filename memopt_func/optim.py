@@ -175,7 +175,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if state is not None:
             self._templates[key] = state
         elif key not in self._templates:
-            self._templates[key] = rule._init([torch.empty_like(p, device="meta") for p in params])
+            self._templates[key] = rule._init(_tree.meta_like(params))
         return self._templates[key]
 
     def _group_state(self, group: dict[str, Any], rule: Rule, params: list[Tensor] | None = None, store: bool = True) -> NamedTuple:
@@ -414,7 +414,7 @@ def _hyper_values(group: dict[str, Any], rule: Rule) -> dict[str, Any]:
 
 def _layout(rule: Rule, params: list[Tensor]) -> list:
     """The shapes and dtypes of a fresh state of rule over params (made on the meta device)."""
-    state = rule._init([torch.empty_like(p, device="meta") for p in params])
+    state = rule._init(_tree.meta_like(params))
     return [(tuple(t.shape), t.dtype) for t in pytree.tree_leaves(state)]
 
 

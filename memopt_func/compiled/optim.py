@@ -15,7 +15,7 @@ import torch
 
 import torch.utils._pytree as pytree
 
-from memopt_func import _tree
+from memopt_func import _tree, sharding
 from memopt_func import optim as eager
 from memopt_func.optim import _ROW_FIELDS, MemoryOptimizer, assemble, explode
 
@@ -30,6 +30,11 @@ class CompiledOptimizer(MemoryOptimizer):
         self._cuda_graph = cuda_graph
         self._steppers: dict[int, Stepper] = {}
         super().__init__(params, *args, **kwargs)
+        if sharding.any_sharded([p for g in self.param_groups for p in g["params"]]):
+            raise NotImplementedError(
+                f"compiled {type(self).__name__} does not step DTensor (FSDP2-sharded) parameters yet; use the eager "
+                f"memopt_func.optim.{type(self).__name__}, which steps the local shards with the full-norm priority"
+            )
 
     def _stepper(self, index: int, group: dict[str, Any]) -> Stepper:
         """The group's stepper, over its parameters that require grad (a frozen one is never

@@ -18,7 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from memopt_func import _tree
+from memopt_func import _tree, sharding
 from memopt_func import critical_buffer as cb
 from memopt_func._rule import Rule
 
@@ -125,6 +125,11 @@ class Stepper:
         all_leaves, self._spec = pytree.tree_flatten(params)
         if not all_leaves or not all(isinstance(t, Tensor) for t in all_leaves):
             raise ValueError("params must be a non-empty pytree of tensors")
+        if sharding.any_sharded(all_leaves):
+            raise NotImplementedError(
+                "Stepper does not step DTensor (FSDP2-sharded) tensors yet; step them with the rule itself "
+                "(rule.step works on DTensors) or the eager drop-in in memopt_func.optim"
+            )
         for i, t in enumerate(all_leaves):
             if t.is_complex():
                 raise ValueError(
