@@ -109,6 +109,19 @@ def maximize() -> Hyper:
     return Hyper("maximize", False, flag)
 
 
+def foreach() -> Hyper:
+    """torch.optim's ``foreach``: None chooses (multi-tensor kernels, or one op per tensor under
+    ``torch.func`` transforms and when autograd records the step), False always steps tensor
+    by tensor (out of place), True always uses the multi-tensor kernels."""
+    return Hyper("foreach", None, flag_or_none)
+
+
+def flag_or_none(name: str, value: Any) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        _fail(name, value, "True, False or None")
+    return value
+
+
 def choice(*options: str) -> Callable[[str, Any], str]:
     def check(name: str, value: Any) -> str:
         if value not in options:

@@ -15,6 +15,65 @@ from torch import Tensor
 Scalar = Union[float, Tensor]
 TensorList = Sequence[Tensor]
 
+# The step's way of running the element-wise work (set by ``Rule.run`` for one step): multi-tensor
+# ``_foreach`` kernels, or one op per tensor, out of place. The per-tensor form is what
+# ``torch.func.vmap`` batches (``_foreach`` ops have no batching rules) and what autograd
+# differentiates (no temporary is overwritten after an op saved it for its backward).
+_state = {"per_tensor": False}
+
+
+class per_tensor_ops:
+    """``with per_tensor_ops(True):`` the ops below run per tensor, out of place."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __enter__(self) -> None:
+        self.before = _state["per_tensor"]
+        _state["per_tensor"] = self.on
+
+    def __exit__(self, *exc) -> None:
+        _state["per_tensor"] = self.before
+
+
+def is_per_tensor() -> bool:
+    return _state["per_tensor"]
+
+
+def _at(v, i: int):
+    return v[i] if isinstance(v, (list, tuple)) else v
+
+
+_SINGLE = {
+    "neg": lambda x: torch.neg(x),
+    "sqrt": lambda x: torch.sqrt(x),
+    "norm": lambda x, ord=2, dtype=None: torch.linalg.vector_norm(x, ord, dtype=dtype),
+    "mul": lambda x, a: torch.mul(x, a),
+    "div": lambda x, a: torch.div(x, a),
+    "add": lambda x, a, alpha=1: torch.add(x, a, alpha=alpha),
+    "maximum": lambda x, a: torch.maximum(x, a),
+    "lerp": lambda x, y, w: torch.lerp(x, y, w),
+    "addcmul": lambda x, t1, t2, value=1: torch.addcmul(x, t1, t2, value=value) if not isinstance(value, Tensor) else x + t1 * t2 * value,
+    "addcdiv": lambda x, t1, t2, value=1: torch.addcdiv(x, t1, t2, value=value) if not isinstance(value, Tensor) else x + t1 / t2 * value,
+    "copy": lambda x, y: y.to(x.dtype).expand_as(x).clone(),
+}
+
+
+def fe(name: str, xs: TensorList, *args, **kwargs) -> list[Tensor]:
+    """``torch._foreach_<name>(xs, *args)``: for a name ending in ``_`` it writes xs and returns
+    them. In per-tensor mode each tensor gets its own out-of-place op, and the results are
+    returned whatever the name (lists among the arguments are taken entry by entry; a list of
+    0-d tensors as addcmul's/addcdiv's third argument is the per-tensor ``value``)."""
+    if not _state["per_tensor"]:
+        out = getattr(torch, f"_foreach_{name}")(xs, *args, **kwargs)
+        return list(xs) if name.endswith("_") else list(out)
+    op = _SINGLE[name.rstrip("_")]
+    if name.rstrip("_") in ("addcmul", "addcdiv") and len(args) == 3:
+        args, kwargs = args[:2], {**kwargs, "value": args[2]}
+    return [
+        op(x, *(_at(a, i) for a in args), **{k: _at(v, i) for k, v in kwargs.items()}) for i, x in enumerate(xs)
+    ]
+
 
 def per_leaf(vec: Tensor, like: TensorList | None = None) -> list[Tensor]:
     """A 1-D tensor of per-leaf scalars as a list of 0-d tensors, for ``_foreach`` ops.
@@ -48,32 +107,22 @@ def scale(xs: TensorList, a: Scalar | TensorList, inplace: bool = False) -> list
         if isinstance(a, (int, float)) and any(x.dtype in (torch.float16, torch.bfloat16) for x in xs):
             # _foreach_mul_ rounds a Python scalar to half precision first, unlike _foreach_mul
             # and Tensor.mul_; keep donated and pure steps bit-identical.
-            return [x.mul_(a) for x in xs]
-        torch._foreach_mul_(xs, _fit(xs, a))
-        return list(xs)
-    return list(torch._foreach_mul(xs, _fit(xs, a)))
+            return [x * a if _state["per_tensor"] else x.mul_(a) for x in xs]
+        return fe("mul_", xs, _fit(xs, a))
+    return fe("mul", xs, _fit(xs, a))
 
 
 def add(xs: TensorList, ys: TensorList, inplace: bool = False) -> list[Tensor]:
     """x + y."""
-    if inplace:
-        torch._foreach_add_(xs, ys)
-        return list(xs)
-    return list(torch._foreach_add(xs, ys))
+    return fe("add_" if inplace else "add", xs, ys)
 
 
 def axpy(ys: TensorList, a: Scalar | TensorList, xs: TensorList, inplace: bool = False) -> list[Tensor]:
     """y + a * x (``add(alpha=a)`` for a number, as torch.optim writes it)."""
     if isinstance(a, (int, float)):
-        if inplace:
-            torch._foreach_add_(ys, xs, alpha=a)
-            return list(ys)
-        return list(torch._foreach_add(ys, xs, alpha=a))
+        return fe("add_" if inplace else "add", ys, xs, alpha=a)
     scales = _fit(xs, a if isinstance(a, list) else [a] * len(xs))
-    if inplace:
-        torch._foreach_addcmul_(ys, xs, scales)
-        return list(ys)
-    return list(torch._foreach_addcmul(ys, xs, scales))
+    return fe("addcmul_" if inplace else "addcmul", ys, xs, scales)
 
 
 def addcdiv(ys: TensorList, num: TensorList, den: list[Tensor], a: Scalar | TensorList, inplace: bool = False) -> list[Tensor]:
@@ -82,20 +131,14 @@ def addcdiv(ys: TensorList, num: TensorList, den: list[Tensor], a: Scalar | Tens
     if isinstance(a, (int, float)):
         value = a
     else:
-        torch._foreach_div_(den, _fit(den, a if isinstance(a, list) else [a] * len(den)))
+        den = fe("div_", den, _fit(den, a if isinstance(a, list) else [a] * len(den)))
         value = 1
-    if inplace:
-        torch._foreach_addcdiv_(ys, num, den, value=value)
-        return list(ys)
-    return list(torch._foreach_addcdiv(ys, num, den, value=value))
+    return fe("addcdiv_" if inplace else "addcdiv", ys, num, den, value=value)
 
 
 def ema(ms: TensorList, xs: TensorList, beta: Scalar, inplace: bool = False) -> list[Tensor]:
     """beta * m + (1 - beta) * x, as torch.optim computes it (a lerp towards x)."""
-    if inplace:
-        torch._foreach_lerp_(ms, xs, 1 - beta)
-        return list(ms)
-    return list(torch._foreach_lerp(ms, xs, 1 - beta))
+    return fe("lerp_" if inplace else "lerp", ms, xs, 1 - beta)
 
 
 def vector(value: Scalar, like: Tensor) -> Tensor:
@@ -108,10 +151,9 @@ def vector(value: Scalar, like: Tensor) -> Tensor:
 def ema_sq(vs: TensorList, xs: TensorList, beta: Scalar, inplace: bool = False) -> list[Tensor]:
     """beta * v + (1 - beta) * x * x, as torch.optim computes it (``v * beta``, then ``addcmul``)."""
     if isinstance(beta, Tensor):  # addcmul's weight must be a number
-        return add(scale(vs, beta, inplace), scale(torch._foreach_mul(xs, xs), 1 - beta), inplace)
+        return add(scale(vs, beta, inplace), scale(fe("mul", xs, xs), 1 - beta), inplace)
     out = scale(vs, beta, inplace)  # the state itself, or a fresh tensor: either may be written
-    torch._foreach_addcmul_(out, xs, xs, value=1 - beta)
-    return out
+    return fe("addcmul_", out, xs, xs, value=1 - beta)
 
 
 def ema_mul_add(ms: TensorList, xs: TensorList, beta: Scalar | TensorList, inplace: bool = False) -> list[Tensor]:
@@ -129,10 +171,9 @@ def decoupled_decay(params: TensorList, lr: Scalar, weight_decay: Scalar, inplac
 def adam_denominator(vs: TensorList, b2: Scalar, t: Tensor, eps: Scalar) -> list[Tensor]:
     """sqrt(v) / sqrt(1 - b2**t) + eps, one bias correction per leaf (t is the leaves' step vector)."""
     bc2_sqrt = torch.sqrt(1 - b2**t)
-    d = list(torch._foreach_sqrt(vs))  # fresh: the rest works in place on it
-    torch._foreach_div_(d, per_leaf(bc2_sqrt, vs))
-    torch._foreach_add_(d, _fit(d, eps))
-    return d
+    d = fe("sqrt", vs)  # fresh: the rest works in place on it
+    d = fe("div_", d, per_leaf(bc2_sqrt, vs))
+    return fe("add_", d, _fit(d, eps))
 
 
 def adam_apply(
@@ -145,14 +186,16 @@ def adam_apply(
 
 def amsgrad_max(vmax: TensorList, vs: TensorList, inplace: bool = False) -> list[Tensor]:
     """max(vmax, v)."""
-    if inplace:
-        torch._foreach_maximum_(vmax, vs)
-        return list(vmax)
-    return list(torch._foreach_maximum(vmax, vs))
+    return fe("maximum_" if inplace else "maximum", vmax, vs)
 
 
 def zeros_like(leaves: TensorList, dtype: torch.dtype | None = None) -> tuple[Tensor, ...]:
     return tuple(torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format) for p in leaves)
+
+
+def zero_where(cond: Tensor, x: Tensor) -> Tensor:
+    """x with 0 where cond holds (written into x, a fresh temporary, unless stepping per tensor)."""
+    return x.masked_fill(cond, 0.0) if _state["per_tensor"] else x.masked_fill_(cond, 0.0)
 
 
 def is_zero(x: Scalar) -> bool:
@@ -162,6 +205,6 @@ def is_zero(x: Scalar) -> bool:
 
 def where(conds: TensorList, xs: TensorList, ys: TensorList, inplace: bool = False) -> list[Tensor]:
     """Per leaf: x where its 0-d condition holds, else y (written into y when inplace)."""
-    if inplace:
+    if inplace and not _state["per_tensor"]:
         return [torch.where(c, x, y, out=y) for c, x, y in zip(conds, xs, ys)]
     return [torch.where(c, x, y) for c, x, y in zip(conds, xs, ys)]

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, NamedTuple, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import _math as M
 from . import _tree, sharding
 from ._hyper import Hyper
 
@@ -148,29 +149,43 @@ class Rule:
         params, leaves, spec, gleaves, idx, h, segments, chunk_numel = prepared
         if not idx:
             return params, state
-        grads = _tree.take(gleaves, idx)
-        present = _tree.take(leaves, idx)
-        reducer, sharded = None, sharding.any_sharded(leaves)
+        present, grads = _tree.take(leaves, idx), _tree.take(gleaves, idx)
+        sharded, reducer, local_state = sharding.any_sharded(leaves), None, state
         if sharded:  # step the local shards; norms combined across ranks
             reducer = sharding.NormReducer(present) or None
-            grads = [sharding.local(g) for g in grads]
-            present = [sharding.local(p) for p in present]
-            sharded_state, state = state, sharding.localize(state, leaves)
-        if h.get("maximize"):
-            grads = list(torch._foreach_neg(grads))
+            present, grads = [sharding.local(t) for t in present], [sharding.local(g) for g in grads]
+            local_state = sharding.localize(state, leaves)
+        per_tensor = self._per_tensor(h, present, grads)
         ctx = StepContext(
-            donate=donate,
+            donate=donate and not per_tensor,
             segments=_tree.take(segments, idx) if segments else None,
             parts=_parts([leaves[i].numel() for i in idx], chunk_numel),
             norms=reducer,
         )
-        new_present, new_state = self._update_all(present, grads, state, idx, h, ctx)
+        with M.per_tensor_ops(per_tensor):
+            if h.get("maximize"):
+                grads = M.fe("neg", grads)
+            new_present, new_state = self._update_all(present, grads, local_state, idx, h, ctx)
         if sharded:
             new_present = [
                 leaves[i] if n is sharding.local(leaves[i]) else sharding.like(n, leaves[i]) for i, n in zip(idx, new_present)
             ]
-            new_state = sharding.globalize(new_state, leaves, before=sharded_state)
+            new_state = sharding.globalize(new_state, leaves, before=state)
         return _tree.unflatten(_tree.put(leaves, idx, new_present), spec), new_state
+
+    def _per_tensor(self, h: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> bool:
+        """Whether this step runs one op per tensor (see ``_math.per_tensor_ops``): ``foreach=False``;
+        or, with ``foreach=None``, inside a ``torch.func`` transform or when autograd records it."""
+        choice = h.get("foreach")
+        if torch.compiler.is_compiling():  # Inductor fuses either form; the multi-tensor one traces smaller
+            return choice is False
+        if choice is not None:
+            if choice and _transformed(params[0]):
+                raise ValueError("foreach=True cannot step under torch.func.vmap; use foreach=None or False")
+            return not choice
+        if _transformed(params[0]) or _transformed(grads[0]):
+            return True
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (*params, *grads, *_tensor_values(h)))
 
     def check_state(self, state: NamedTuple, params: Sequence[Tensor]) -> None:
         """Raise ValueError unless ``state`` is laid out as ``init`` lays it out for params under
@@ -215,6 +230,23 @@ class Rule:
 
     def _update(self, params, grads, state, idx, h, ctx: StepContext):
         raise NotImplementedError
+
+
+def _transformed(t: Tensor) -> bool:
+    """Whether t is a tensor wrapped by a ``torch.func`` transform (vmap, grad, jvp)."""
+    try:
+        return torch._C._functorch.is_functorch_wrapped_tensor(t)
+    except AttributeError:  # a torch without functorch internals
+        return False
+
+
+def _tensor_values(h: dict[str, Any]) -> list[Tensor]:
+    out = []
+    for v in h.values():
+        for x in v if isinstance(v, tuple) else (v,):
+            if isinstance(x, Tensor):
+                out.append(x)
+    return out
 
 
 def check_chunk_numel(chunk_numel: Any) -> None:

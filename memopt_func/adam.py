@@ -32,6 +32,7 @@ ADAM_HYPERS = (
     H.Hyper("weight_decay", 0.0, H.nonnegative, dynamic=True),
     H.Hyper("amsgrad", False, H.flag),
     H.maximize(),
+    H.foreach(),
 )
 
 

@@ -33,7 +33,7 @@ class Adam_CM(CriticalRule):
         seeding_rows = cb.empty_rows(crit, idx)
         seeding = M.per_leaf(seeding_rows)
         # m stays 0 through the seeding step
-        m = [x.masked_fill_(c, 0.0) for c, x in zip(seeding, M.ema(_tree.take(base.exp_avg, idx), grads, b1, inplace))]
+        m = [M.zero_where(c, x) for c, x in zip(seeding, M.ema(_tree.take(base.exp_avg, idx), grads, b1, inplace))]
         # m is 0 and the buffer empty on the seeding step, so its aggregate ma is 0 as well
         ma = cb.aggregate(crit, m, idx, h["kappa"], h["aggr"])
         crit = cb.write(crit, M.where(seeding, grads, m), idx, decision, inplace)

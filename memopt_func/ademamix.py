@@ -44,6 +44,7 @@ class AdEMAMix(Rule):
         H.Hyper("eps", 1e-8, H.nonnegative, dynamic=True),
         H.Hyper("weight_decay", 0.0, H.nonnegative, dynamic=True),
         H.maximize(),
+        H.foreach(),
     )
 
     @property
@@ -91,7 +92,7 @@ class AdEMAMix(Rule):
         # u = (m1 / (1 - b1**t) + alpha_t * m2) / denom (+ weight_decay * p), built in one fresh tensor
         u = M.scale(m1, M.per_leaf(1 / (1 - b1**t), grads))
         u = M.axpy(u, alpha_t, m2, inplace=True)
-        torch._foreach_div_(u, denom)
+        u = M.fe("div_", u, denom)
         if not M.is_zero(wd):
             u = M.axpy(u, wd, params, inplace=True)
         new_state = AdEMAMixState(

@@ -69,7 +69,7 @@ def tensor_norms(state: CriticalBufferState, grads: Sequence[Tensor], segments=N
     """[T] each tensor's gradient L2 norm, in the keys' dtype: one per leaf, or, for a leaf with
     ``segments`` runs ``((count, numel), ...)``, one per tensor it lays end to end."""
     if not segments or all(s is None for s in segments):
-        return torch.stack(torch._foreach_norm(grads, 2, dtype=state.keys.dtype))
+        return torch.stack(M.fe("norm", grads, 2, dtype=state.keys.dtype))
     if not _synced(state):
         raise ValueError("segmented (flattened) leaves need synced=True: per-tensor buffers cannot share a leaf")
     parts = []
@@ -121,12 +121,11 @@ def aggregate(state: CriticalBufferState, xs: Sequence[Tensor], idx: Sequence[in
     count = count.expand(len(idx)) if _synced(state) else _tree.rows(count, idx)
     sums = _tree.take(state.buf_sum, idx)
     if aggr == "mean":
-        out = list(torch._foreach_add(xs, sums, alpha=kappa))
-        torch._foreach_mul_(out, M.per_leaf(1.0 / (count + 1), xs))
-        return out
+        out = M.fe("add", xs, sums, alpha=kappa)
+        return M.fe("mul_", out, M.per_leaf(1.0 / (count + 1), xs))
     weight = M.per_leaf(kappa / count.clamp(min=1), sums)  # kappa * mean = buf_sum * weight
     if aggr == "sum":
-        return list(torch._foreach_addcmul(xs, sums, weight))
+        return M.fe("addcmul", xs, sums, weight)
     return M.where(is_empty(state, idx), xs, M.scale(sums, weight))
 
 

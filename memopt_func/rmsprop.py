@@ -34,6 +34,7 @@ RMSPROP_HYPERS = (
     H.Hyper("momentum", 0.0, H.nonnegative, dynamic=True),
     H.Hyper("centered", False, H.flag),
     H.maximize(),
+    H.foreach(),
 )
 
 
@@ -56,15 +57,14 @@ def rmsprop_update(params, grads, state: RMSpropState, idx, h, inplace: bool = F
     if h["centered"]:
         ga = M.ema(_tree.take(grad_avg, idx), g, alpha, inplace)
         grad_avg = _tree.put(grad_avg, idx, ga)
-        avg = list(torch._foreach_addcmul(sq, ga, ga, value=-1))
-        torch._foreach_sqrt_(avg)
+        avg = M.fe("sqrt_", M.fe("addcmul", sq, ga, ga, value=-1))
     else:
-        avg = list(torch._foreach_sqrt(sq))
-    torch._foreach_add_(avg, M._fit(avg, eps))  # avg is fresh: the rest works in place on it
+        avg = M.fe("sqrt", sq)
+    avg = M.fe("add_", avg, M._fit(avg, eps))  # avg is fresh: the rest works in place on it
     buffers = state.momentum_buffer
     if buffers:
         mb = M.scale(_tree.take(buffers, idx), h["momentum"], inplace)
-        torch._foreach_addcdiv_(mb, g, avg)
+        mb = M.fe("addcdiv_", mb, g, avg)
         buffers = _tree.put(buffers, idx, mb)
         new_params = M.axpy(params, -lr, mb, inplace)
     else:

@@ -29,6 +29,7 @@ SGD_HYPERS = (
     H.Hyper("weight_decay", 0.0, H.nonnegative, dynamic=True),
     H.Hyper("nesterov", False, H.flag),
     H.maximize(),
+    H.foreach(),
 )
 
 
