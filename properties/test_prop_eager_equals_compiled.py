@@ -27,8 +27,9 @@ TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 
 @st.composite
 def rule_configs(draw, *, critical_only: bool = False):
-    names = st.sampled_from(CRITICAL) if critical_only else st.one_of(st.sampled_from(CRITICAL), st.sampled_from(sorted(rules.RULES)))
-    name = draw(names)
+    # critical rules at least half the time: they are where the layouts can disagree
+    every = st.sampled_from(sorted(rules.RULES))
+    name = draw(st.sampled_from(CRITICAL) if critical_only else st.one_of(st.sampled_from(CRITICAL), every))
     hyper = {"lr": draw(st.sampled_from([1e-3, 1e-2]))}
     if name in CRITICAL:
         hyper.update(
@@ -74,13 +75,15 @@ def compiled_cases(draw):
 
 
 def _check_close(got, want, start, where: str) -> None:
-    """Each tensor within ``TOL`` of its dtype, relative to each tensor's scale over the run, max(|p_0|, |p_k|): rounding errors are made
-    at the scale of the values combined, so a parameter that has moved close to 0 (cancellation)
-    keeps the absolute error of its starting scale."""
+    """Each tensor within ``TOL`` of its dtype, relative to its scale over the run,
+    max(|p_0|, |p_k|): rounding errors are made at the scale of the values combined, so a
+    parameter that has moved close to 0 (cancellation) keeps the absolute error of its
+    starting scale."""
     for i, (a, b, p0) in enumerate(zip(got, want, start)):
         if b.numel() == 0:
             continue
-        err = ((a.double() - b.double()).abs().max() / torch.maximum(b.double().abs().max(), p0.double().abs().max()).clamp(min=1e-6)).item()
+        scale = torch.maximum(b.double().abs().max(), p0.double().abs().max()).clamp(min=1e-6)
+        err = ((a.double() - b.double()).abs().max() / scale).item()
         assert err < TOL[b.dtype], f"{where}: tensor {i} {tuple(b.shape)} differs from eager by {err:.2e} (relative)"
 
 
@@ -88,7 +91,9 @@ def _check_same_decisions(got_state, want_state, where: str) -> None:
     got, want = got_state.critical, want_state.critical
     if want is None:
         return
-    assert got.accepted.tolist() == want.accepted.tolist(), f"{where}: admissions {got.accepted.tolist()} != eager {want.accepted.tolist()}"
+    assert got.accepted.tolist() == want.accepted.tolist(), (
+        f"{where}: admissions {got.accepted.tolist()} != eager {want.accepted.tolist()}"
+    )
     assert got.count.tolist() == want.count.tolist(), f"{where}: count"
     rtol = 1e-12 if want.keys.dtype == torch.float64 else 1e-5
     torch.testing.assert_close(got.keys, want.keys, rtol=rtol, atol=0, msg=f"{where}: keys")

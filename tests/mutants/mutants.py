@@ -1,0 +1,443 @@
+"""Planted mutations for ``make mutants`` (run by tests/mutants/run.py).
+
+Each mutant replaces one exact snippet of one library file (the snippet must occur exactly
+once, or the mutant is reported as an ERROR: the code moved, update the snippet). ``judgement``
+is what a survivor means: ``equivalent: ...`` for a mutant that cannot change any number or
+behaviour a test may observe, ``gap: ...`` for a change that a test should have caught.
+``tests`` names the subset (see SUBSETS) run against the mutant.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Mutant(NamedTuple):
+    id: str
+    file: str
+    original: str
+    replacement: str
+    description: str
+    judgement: str
+    tests: str = "core"
+
+
+CB = "memopt_func/critical_buffer.py"
+CRIT = "memopt_func/_critical.py"
+MATH = "memopt_func/_math.py"
+STEPPER = "memopt_func/compiled/stepper.py"
+
+# Fast test subsets, most discriminating files first (a run stops at the first failure). "core"
+# is eager only (the flat Stepper uncompiled, which takes the donated in-place path): a mutant
+# changes the compiled graphs, and recompiling them would cost minutes per mutant. Entries that
+# no longer exist are dropped with a warning (the other tests' names are not ours to fix here).
+SUBSETS = {
+    "core": [
+        "tests/test_critical_buffer_cases.py",
+        "properties/test_prop_priorities.py",
+        "tests/test_spec_oracle.py",
+        "tests/test_field_ready.py::test_one_nonfinite_element_leaves_the_healthy_tensors_as_if_that_tensor_had_no_gradient",
+        "tests/test_field_ready.py::test_a_tensor_that_stays_nan_does_not_stop_the_group_buffer",
+        "tests/test_field_ready.py::test_nonfinite_per_tensor_rows_are_refused",
+        "tests/test_reference_rules.py",
+        "tests/test_parity_torch_optim.py",
+        "tests/test_reductions.py",
+        "tests/test_compiled_runs.py::test_flat_stepper_over_bias_free_layers_equals_eager_rule_when_the_buffer_decides[flat-eager]",
+        "properties/test_prop_admission_model.py",
+        "properties/test_prop_eager_equals_compiled.py::test_invariant_eager_equals_flat_stepper",
+        "tests/test_sink_row.py",
+        "properties/test_prop_buffer_invariants.py",
+        "tests/test_field_ready.py::test_buf_sum_stays_exact_over_a_falling_scale_sweep",
+    ],
+    "stepper": [
+        "tests/test_compiled_runs.py",
+        "tests/test_sink_row.py",
+        "properties/test_prop_eager_equals_compiled.py::test_invariant_eager_equals_flat_stepper",
+        "tests/test_compiled.py",
+        "tests/test_field_ready.py",
+    ],
+}
+
+MUTANTS: list[Mutant] = [
+    # ------------------------------------------------------------------ critical_buffer: priority
+    Mutant(
+        "cb-run-norm", CB,
+        "parts.append(torch.linalg.vector_norm(block, dim=1, dtype=state.keys.dtype))",
+        "parts.append(torch.linalg.vector_norm(block, dtype=state.keys.dtype).expand(count) / count)",
+        "one norm over a whole run of equal-sized tensors (issue 16's planted bug), shared by its tensors",
+        "gap: a synced priority over a flat run must be the sum of per-tensor norms",
+    ),
+    Mutant(
+        "cb-norm-ord", CB,
+        "torch.stack(torch._foreach_norm(grads, 2, dtype=state.keys.dtype))",
+        "torch.stack(torch._foreach_norm(grads, 1, dtype=state.keys.dtype))",
+        "L1 instead of L2 norm per tensor",
+        "gap: priorities are L2 norms",
+    ),
+    Mutant(
+        "cb-synced-global-norm", CB,
+        "return torch.where(torch.isfinite(norms), norms, 0).sum().reshape(1)",
+        "return torch.where(torch.isfinite(norms), norms, 0).norm().reshape(1)",
+        "synced priority: the global norm instead of the sum of norms",
+        "gap: SPEC says the synced priority is the sum of norms, not the global norm",
+    ),
+    Mutant(
+        "cb-nonfinite-sum", CB,
+        "return torch.where(torch.isfinite(norms), norms, 0).sum().reshape(1)",
+        "return norms.sum().reshape(1)",
+        "a non-finite norm is kept in the synced sum",
+        "gap: a NaN/inf tensor must take no part in the synced priority",
+    ),
+    # ------------------------------------------------------------------ critical_buffer: decide
+    Mutant(
+        "cb-ties-admit", CB,
+        "admitted = ~full | (nu > key_at_slot)",
+        "admitted = ~full | (nu >= key_at_slot)",
+        "a tie with the smallest key is admitted (SPEC: strict >)",
+        "gap: ties must refuse",
+    ),
+    Mutant(
+        "cb-argmax", CB,
+        "torch.where(full, keys.argmin(dim=1), count.clamp(max=top_c - 1))",
+        "torch.where(full, keys.argmax(dim=1), count.clamp(max=top_c - 1))",
+        "a full buffer replaces the largest key instead of the smallest",
+        "gap: replacement goes to the first argmin",
+    ),
+    Mutant(
+        "cb-full-off-by-one", CB,
+        "full = count >= top_c",
+        "full = count > top_c",
+        "the buffer counts as full only past topC",
+        "gap: count <= topC, and a full buffer compares priorities",
+    ),
+    Mutant(
+        "cb-fill-slot", CB,
+        "torch.where(full, keys.argmin(dim=1), count.clamp(max=top_c - 1))",
+        "torch.where(full, keys.argmin(dim=1), count.clamp(max=0))",
+        "while filling, every offer goes to slot 0",
+        "gap: filling takes slot = count",
+    ),
+    Mutant(
+        "cb-refused-key", CB,
+        "new_key = torch.where(admitted, nu.to(keys.dtype), key_at_slot)",
+        "new_key = torch.where(admitted, nu.to(keys.dtype), nu.to(keys.dtype))",
+        "a refused offer still writes its priority into the key",
+        "gap: a refused offer leaves the keys alone",
+    ),
+    Mutant(
+        "cb-draw-direction", CB,
+        "admitted = admitted | (uniform(seed, offers, stream) < critical_test)",
+        "admitted = admitted | (uniform(seed, offers, stream) > critical_test)",
+        "critical_test admits with probability 1 - q",
+        "gap: the draw admits with probability q",
+    ),
+    Mutant(
+        "cb-offers-counter", CB,
+        "offers=offers + 1,",
+        "offers=offers + (~full).to(torch.int64),",
+        "the offer counter (the draw's stream position) stops once full",
+        "gap: offers counts every offer",
+    ),
+    Mutant(
+        "cb-accepted-counter", CB,
+        "accepted=_tree.rows(state.accepted, moved) + admitted.to(torch.int64),",
+        "accepted=_tree.rows(state.accepted, moved) + (~full).to(torch.int64),",
+        "accepted counts fills only, not replacements",
+        "gap: accepted counts every admission",
+    ),
+    Mutant(
+        "cb-count-nonfinite", CB,
+        "filled = count + (~full & admitted).to(torch.int64)",
+        "filled = count + (~full).to(torch.int64)",
+        "a refused (non-finite) offer still fills a slot",
+        "gap: a non-finite offer to a filling buffer must not count as a filled slot",
+    ),
+    # ------------------------------------------------------------------ critical_buffer: write, sums, aggregate, decay
+    Mutant(
+        "cb-refused-overwrites", CB,
+        "written = _put(buf, s, torch.where(adm, stored, buf.index_select(0, s)[0]), donate)",
+        "written = _put(buf, s, stored, donate)",
+        "without a sink row, a refused offer overwrites the slot",
+        "gap: refused offers leave the slots untouched (no mixing)",
+    ),
+    Mutant(
+        "cb-sink-ignored", CB,
+        "written = _put(buf, torch.where(adm, s, top_c), stored, donate)",
+        "written = _put(buf, s, stored, donate)",
+        "with a sink row (compiled path), a refused offer overwrites the slot",
+        "gap: the sink row takes refused offers",
+    ),
+    Mutant(
+        "cb-slot-sum-unfilled", CB,
+        "used = (torch.arange(top_c, device=buf.device) < filled).view(shape)",
+        "used = (torch.arange(top_c, device=buf.device) <= filled).view(shape)",
+        "buf_sum also sums the first unfilled slot",
+        "gap: unfilled slots are never read",
+    ),
+    Mutant(
+        "cb-mean-divisor", CB,
+        "torch._foreach_mul_(out, M.per_leaf(1.0 / (count + 1), xs))",
+        "torch._foreach_mul_(out, M.per_leaf(1.0 / count.clamp(min=1), xs))",
+        "aggr='mean' divides by count instead of count + 1",
+        "gap: mean form is (x + kappa*buf_sum)/(count + 1)",
+    ),
+    Mutant(
+        "cb-mean-of-buffer", CB,
+        "weight = M.per_leaf(kappa / count.clamp(min=1), sums)",
+        "weight = M.per_leaf(kappa / (count + 1), sums)",
+        "mean(buffer) divides buf_sum by count + 1",
+        "gap: mean(buffer) = buf_sum / count",
+    ),
+    Mutant(
+        "cb-buffer-form-seed", CB,
+        "return M.where(is_empty(state, idx), xs, M.scale(sums, weight))",
+        "return M.scale(sums, weight)",
+        "aggr='buffer' on an empty buffer gives 0 instead of x",
+        "gap: the seeding step's aggregate is the value itself",
+    ),
+    Mutant(
+        "cb-no-decay", CB,
+        "keys = _tree.put_rows(state.keys, moved, _tree.rows(state.keys, moved) * factor)",
+        "keys = _tree.put_rows(state.keys, moved, _tree.rows(state.keys, moved))",
+        "keys never decay",
+        "gap: keys *= decay after every step",
+    ),
+    Mutant(
+        "cb-decay-all-rows", CB,
+        "keys = _tree.put_rows(state.keys, moved, _tree.rows(state.keys, moved) * factor)",
+        "keys = state.keys * factor",
+        "decay also moves the rows of tensors without a gradient (unsynced)",
+        "gap: a row the step did not move keeps its keys",
+    ),
+    # ------------------------------------------------------------------ _critical: the shared rule shape
+    Mutant(
+        "crit-aggregate-after-write", CRIT,
+        "        a = cb.aggregate(crit, x, idx, h[\"kappa\"], h[\"aggr\"])\n"
+        "        crit = cb.write(crit, x, idx, decision, ctx.donate)\n",
+        "        crit = cb.write(crit, x, idx, decision, ctx.donate)\n"
+        "        a = cb.aggregate(crit, x, idx, h[\"kappa\"], h[\"aggr\"])\n",
+        "the aggregate sees this step's value already written",
+        "gap: the aggregate is computed from the buffer before the offer",
+    ),
+    Mutant(
+        "crit-priority-of-input", CRIT,
+        "norms = cb.tensor_norms(crit, grads, ctx.segments)",
+        "norms = cb.tensor_norms(crit, self._buffer_input(params, grads, self._base_hyper(h)), ctx.segments)",
+        "priority from the buffer input (SGD_C: g + weight_decay*p) instead of the raw gradient",
+        "gap: the priority is always the raw gradient's norm",
+    ),
+    Mutant(
+        "crit-no-rule-decay", CRIT,
+        "return new_params, CriticalState(state.base, cb.decay(crit, idx, h[\"decay\"]))",
+        "return new_params, CriticalState(state.base, crit)",
+        "the rules never decay keys",
+        "gap: keys decay after the parameter update",
+    ),
+    # ------------------------------------------------------------------ rules
+    Mutant(
+        "sgdc-double-wd", "memopt_func/sgd_c.py",
+        'return {**hb, "weight_decay": 0.0}',
+        "return hb",
+        "SGD_C applies weight decay twice (buffer input and base step)",
+        "gap: SGD_C's d = g + wd*p is buffered once",
+    ),
+    Mutant(
+        "cm-momentum-on-seed", "memopt_func/adam_cm.py",
+        "m = [x.masked_fill_(c, 0.0) for c, x in zip(seeding, M.ema(_tree.take(base.exp_avg, idx), grads, b1, inplace))]",
+        "m = [x for c, x in zip(seeding, M.ema(_tree.take(base.exp_avg, idx), grads, b1, inplace))]",
+        "Adam_CM's seeding step updates m",
+        "gap: the seeding step keeps m = 0 (reference behaviour)",
+    ),
+    Mutant(
+        "cm-offers-aggregate", "memopt_func/adam_cm.py",
+        "crit = cb.write(crit, M.where(seeding, grads, m), idx, decision, inplace)",
+        "crit = cb.write(crit, M.where(seeding, grads, ma), idx, decision, inplace)",
+        "Adam_CM offers the aggregated momentum instead of the plain one",
+        "gap: the offered value is the plain momentum m",
+    ),
+    Mutant(
+        "cm-v-of-m", "memopt_func/adam_cm.py",
+        "v = M.ema_sq(_tree.take(base.exp_avg_sq, idx), ma, b2, inplace)",
+        "v = M.ema_sq(_tree.take(base.exp_avg_sq, idx), m, b2, inplace)",
+        "Adam_CM's second moment of m instead of the aggregate ma",
+        "gap: v tracks the aggregated momentum",
+    ),
+    Mutant(
+        "adam-wd-sign", "memopt_func/adam.py",
+        "grads = M.axpy(grads, wd, params)",
+        "grads = M.axpy(grads, -wd, params)",
+        "Adam's coupled L2 with the wrong sign",
+        "gap: g + weight_decay*p",
+    ),
+    Mutant(
+        "adam-amsgrad-ignored", "memopt_func/adam.py",
+        'denom = M.adam_denominator(vmax if h["amsgrad"] else v, b2, t, eps)',
+        "denom = M.adam_denominator(v, b2, t, eps)",
+        "amsgrad keeps vmax but never uses it",
+        "gap: amsgrad divides by sqrt(vmax)",
+    ),
+    Mutant(
+        "rms-centered-sign", "memopt_func/rmsprop.py",
+        "avg = list(torch._foreach_addcmul(sq, ga, ga, value=-1))",
+        "avg = list(torch._foreach_addcmul(sq, ga, ga, value=1))",
+        "centered RMSprop adds ga^2 instead of subtracting",
+        "gap: centered avg = sqrt(sq - ga^2) + eps",
+    ),
+    Mutant(
+        "rms-momentum-sign", "memopt_func/rmsprop.py",
+        "new_params = M.axpy(params, -lr, mb, inplace)",
+        "new_params = M.axpy(params, lr, mb, inplace)",
+        "RMSprop with momentum ascends",
+        "gap: p -= lr * mb",
+    ),
+    Mutant(
+        "sgd-dampening", "memopt_func/sgd.py",
+        "momentum, inplace), 1 - dampening, d, inplace=True)",
+        "momentum, inplace), dampening, d, inplace=True)",
+        "SGD momentum weighs d by dampening instead of 1 - dampening",
+        "gap: mb = momentum*mb + (1 - dampening)*d",
+    ),
+    Mutant(
+        "sgd-first-buffer", "memopt_func/sgd.py",
+        "mb = M.where(M.per_leaf(first), d, continued, inplace)",
+        "mb = continued",
+        "SGD's first momentum buffer is dampened (torch.optim clones d)",
+        "gap: the first step sets mb = d",
+    ),
+    Mutant(
+        "sgd-nesterov-ignored", "memopt_func/sgd.py",
+        'd = M.axpy(d, momentum, mb) if h["nesterov"] else mb',
+        "d = mb",
+        "nesterov=True behaves as plain momentum",
+        "gap: Nesterov steps along d + momentum*mb",
+    ),
+    Mutant(
+        "adx-bias-beta", "memopt_func/ademamix.py",
+        "u = M.scale(m1, M.per_leaf(1 / (1 - b1**t), grads))",
+        "u = M.scale(m1, M.per_leaf(1 / (1 - b2**t), grads))",
+        "AdEMAMix corrects m1 with b2 instead of b1",
+        "gap: m1 / (1 - b1**t)",
+    ),
+    Mutant(
+        "adx-wd-sign", "memopt_func/ademamix.py",
+        "u = M.axpy(u, wd, params, inplace=True)",
+        "u = M.axpy(u, -wd, params, inplace=True)",
+        "AdEMAMix's weight decay with the wrong sign",
+        "gap: u + weight_decay*p",
+    ),
+    # ------------------------------------------------------------------ _math
+    Mutant(
+        "math-ema-beta", MATH,
+        "return list(torch._foreach_lerp(ms, xs, 1 - beta))",
+        "return list(torch._foreach_lerp(ms, xs, beta))",
+        "EMA with beta and 1 - beta swapped (pure path)",
+        "gap: m = beta*m + (1-beta)*x",
+    ),
+    Mutant(
+        "math-ema-beta-inplace", MATH,
+        "torch._foreach_lerp_(ms, xs, 1 - beta)",
+        "torch._foreach_lerp_(ms, xs, beta)",
+        "EMA with beta and 1 - beta swapped (donated path: Stepper, drop-ins)",
+        "gap: donated and pure steps compute the same numbers",
+    ),
+    Mutant(
+        "math-ema-sq-weight", MATH,
+        "torch._foreach_addcmul_(out, xs, xs, value=1 - beta)",
+        "torch._foreach_addcmul_(out, xs, xs, value=beta)",
+        "second moment weighs x*x by beta",
+        "gap: v = beta*v + (1-beta)*x*x",
+    ),
+    Mutant(
+        "math-bc2-sqrt", MATH,
+        "bc2_sqrt = torch.sqrt(1 - b2**t)",
+        "bc2_sqrt = 1 - b2**t",
+        "second-moment bias correction without the square root",
+        "gap: denom = sqrt(v)/sqrt(1 - b2**t) + eps",
+    ),
+    Mutant(
+        "math-no-eps", MATH,
+        "torch._foreach_add_(d, _fit(d, eps))",
+        "torch._foreach_add_(d, _fit(d, 0.0 * eps))",
+        "eps dropped from the Adam denominator",
+        "gap: denom adds eps",
+    ),
+    Mutant(
+        "math-no-bc1", MATH,
+        "per_leaf(-(lr / (1 - b1**t)), num)",
+        "per_leaf(-(lr + 0 * t), num)",
+        "first-moment bias correction dropped",
+        "gap: step size lr / (1 - b1**t)",
+    ),
+    Mutant(
+        "math-decoupled-sign", MATH,
+        "return scale(params, 1 - lr * weight_decay, inplace)",
+        "return scale(params, 1 + lr * weight_decay, inplace)",
+        "AdamW decay grows the parameters",
+        "gap: p *= 1 - lr*weight_decay",
+    ),
+    Mutant(
+        "math-amsgrad-min", MATH,
+        "return list(torch._foreach_maximum(vmax, vs))",
+        "return list(torch._foreach_minimum(vmax, vs))",
+        "amsgrad keeps the running minimum",
+        "gap: vmax = max(vmax, v)",
+    ),
+    Mutant(
+        "math-per-leaf-barrier", MATH,
+        "vec = torch.cumsum(vec.unsqueeze(0), dim=0).squeeze(0)",
+        "vec = vec",
+        "per_leaf without its scan (a fusion barrier for torch.compile)",
+        "equivalent: a cumsum over one element is the identity; only Inductor's fusion changes",
+    ),
+    # ------------------------------------------------------------------ compiled Stepper
+    Mutant(
+        "st-no-segments", STEPPER,
+        "donate=True, segments=self._segments, **hyper",
+        "donate=True, segments=None, **hyper",
+        "the flat Stepper drops the segment runs: one norm per flat buffer",
+        "gap: a flat buffer's priority is the sum of its tensors' norms",
+        tests="stepper",
+    ),
+    Mutant(
+        "st-no-state-copy-back", STEPPER,
+        "            if dst is not src:\n                dst.copy_(src)\n",
+        "            pass\n",
+        "state tensors that the step returns fresh (keys, counters) are not copied back",
+        "gap: every state tensor persists across steps",
+        tests="stepper",
+    ),
+    Mutant(
+        "st-no-param-copy-back", STEPPER,
+        "            torch._foreach_copy_([params[i] for i in moved], [new_params[i] for i in moved])\n",
+        "            pass\n",
+        "parameters that the step returns fresh are not copied back",
+        "equivalent: with donate=True every rule writes the flat parameters in place, so no fresh parameter is returned",
+        tests="stepper",
+    ),
+    Mutant(
+        "st-no-sink", STEPPER,
+        "        # critical_buffer.write): the slot write then needs no temporary under Inductor.\n"
+        "        self._step_state = _map_buffers(state, cb.with_sink)\n",
+        "        # critical_buffer.write): the slot write then needs no temporary under Inductor.\n"
+        "        self._step_state = state\n",
+        "the stepped buffers carry no sink row",
+        "equivalent: write() then writes a refused slot back with its own value; same numbers, one temporary more",
+        tests="stepper",
+    ),
+    Mutant(
+        "st-hyper-not-set", STEPPER,
+        "target.copy_(value) if isinstance(value, Tensor) else target.fill_(value)",
+        "None",
+        "per-step hyperparameters (lr schedules) are ignored after the first step",
+        "gap: stepper.step(lr=...) changes the persistent lr",
+        tests="stepper",
+    ),
+    Mutant(
+        "st-per-tensor-when-synced", STEPPER,
+        'return "synced" in rule.hyper and not rule.hyper["synced"] and rule.hyper["kappa"] != 0 and rule.hyper["topC"] > 0',
+        'return "synced" in rule.hyper and rule.hyper["kappa"] != 0 and rule.hyper["topC"] > 0',
+        "synced critical rules never take the flat layout",
+        "gap: a synced rule steps flat by default (the flat layout is what is tested)",
+        tests="stepper",
+    ),
+]
