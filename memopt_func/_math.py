@@ -40,8 +40,13 @@ def is_per_tensor() -> bool:
     return _state["per_tensor"]
 
 
-def _at(v, i: int):
-    return v[i] if isinstance(v, (list, tuple)) else v
+def _at(v, i: int, x: Tensor):
+    """Entry i of a per-tensor argument; a 0-d tensor is cast to x's dtype, as the multi-tensor
+    kernels (and TensorIterator, for a 0-d operand) use it, whatever vmap's batching makes of it."""
+    v = v[i] if isinstance(v, (list, tuple)) else v
+    if isinstance(v, Tensor) and v.dim() == 0 and v.dtype != x.dtype and x.is_floating_point():
+        return v.to(x.dtype)
+    return v
 
 
 _SINGLE = {
@@ -71,7 +76,7 @@ def fe(name: str, xs: TensorList, *args, **kwargs) -> list[Tensor]:
     if name.rstrip("_") in ("addcmul", "addcdiv") and len(args) == 3:
         args, kwargs = args[:2], {**kwargs, "value": args[2]}
     return [
-        op(x, *(_at(a, i) for a in args), **{k: _at(v, i) for k, v in kwargs.items()}) for i, x in enumerate(xs)
+        op(x, *(_at(a, i, x) for a in args), **{k: _at(v, i, x) for k, v in kwargs.items()}) for i, x in enumerate(xs)
     ]
 
 

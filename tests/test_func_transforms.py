@@ -144,3 +144,18 @@ def test_grad_with_respect_to_weight_decay(name):
     h = 1e-6
     fd = (run(torch.tensor(0.1 + h, dtype=torch.float64)) - run(torch.tensor(0.1 - h, dtype=torch.float64))) / (2 * h)
     torch.testing.assert_close(auto, fd, rtol=1e-6, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_vmap_keeps_float32_members_in_float32(name):
+    """Per-leaf scalars are float64 0-d tensors; under vmap they are batched, and must not
+    promote a float32 member (the multi-tensor kernels use them in the member's dtype)."""
+    gen = torch.Generator().manual_seed(2)
+    params = {"w": torch.randn(E, 5, 3, generator=gen), "b": torch.randn(E, 3, generator=gen)}
+    rule = rules.RULES[name](**_hyper(name))
+    state = vmap(rule.init)(params)
+    out = params
+    for k in range(3):
+        g = {key: torch.randn(v.shape, generator=gen) for key, v in params.items()}
+        out, state = vmap(rule.step)(out, g, state)
+    assert all(v.dtype == torch.float32 for v in out.values())
