@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The tested CPU build; the package itself asks for torch>=2.11 with no upper cap.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test test-thorough demo bench roofline wheel-check clean
+.PHONY: setup test test-thorough demo bench roofline wheel-check mutants clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,11 @@ test: $(STAMP)
 
 test-thorough: $(STAMP)
 	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q properties
+
+# Planted mutations (tests/mutants/mutants.py), one at a time in a temporary copy of the tree,
+# against a fast test subset: the kill rate and every survivor with its judgement (~15 minutes).
+mutants: $(STAMP)
+	$(BIN)/python tests/mutants/run.py
 
 # Build the wheel, install it into a fresh venv outside the checkout, import it and step every
 # optimizer once, eager and compiled.
