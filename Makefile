@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The tested CPU build; the package itself asks for torch>=2.11 with no upper cap.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test test-thorough demo bench roofline wheel-check mutants clean
+.PHONY: setup test test-thorough demo lm bench roofline wheel-check mutants clean
 
 setup: $(STAMP)
 
@@ -35,8 +35,14 @@ wheel-check: $(STAMP)
 	$$d/venv/bin/python -m pip install -q dist/*.whl 2>&1 | grep -v WARNING; \
 	cp tests/install_check.py $$d/ && cd $$d && ./venv/bin/python install_check.py; rc=$$?; rm -rf $$d; exit $$rc
 
+# The language-model comparison's quick preset (about 2 minutes on 2 CPU cores); the spirals
+# demo is `memopt-func demo`.
 demo: $(STAMP)
-	$(BIN)/python -m memopt_func demo
+	$(BIN)/python -m memopt_func lm --quick
+
+# The default preset behind the README's figure (about 15-20 minutes on 2 CPU cores).
+lm: $(STAMP)
+	$(BIN)/python -m memopt_func lm
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q bench --benchmark-enable --benchmark-only

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -32,11 +33,11 @@ def exit_code(*argv: str) -> int:
 def test_top_level_help_lists_subcommands(capsys):
     assert exit_code("--help") == 0
     out = capsys.readouterr().out
-    for cmd in ("demo", "surfaces", "bench"):
+    for cmd in ("lm", "demo", "surfaces", "bench"):
         assert cmd in out
 
 
-@pytest.mark.parametrize("cmd", ["demo", "surfaces", "bench"])
+@pytest.mark.parametrize("cmd", ["lm", "demo", "surfaces", "bench"])
 def test_subcommand_help_explains_common_options(cmd, capsys):
     assert exit_code(cmd, "--help") == 0
     out = capsys.readouterr().out
@@ -198,6 +199,27 @@ def test_surfaces_end_to_end(tmp_path, capsys):
     assert [(r["function"], r["optimizer"]) for r in rows] == [
         ("ackley", "Adam"), ("ackley", "Adam_CM"), ("himmelblau", "Adam"), ("himmelblau", "Adam_CM")
     ]
+
+
+def test_rosenbrock_toy_end_to_end(tmp_path, capsys):
+    out = tmp_path / "toy"
+    assert run_cli("surfaces", "--rosenbrock-toy", "--steps", "40", "--no-progress", "--out", out) == 0
+    text = capsys.readouterr().out
+    assert "from (-3.0, 5.0), lr 0.003" in text and "dist @ N" in text
+    labels = [f"Adam b1={b}" for b in ("0.9", "0.99", "0.999", "0.9999")] + ["AdEMAMix b3=0.999", "AdEMAMix b3=0.9999"]
+    for label in labels:
+        assert label in text
+    assert (out / "rosenbrock_toy.png").stat().st_size > 0
+    rows = list(csv.DictReader((out / "rosenbrock_toy.csv").open()))
+    assert [r["run"] for r in rows if r["step"] == "0"] == labels
+    assert all(float(r["distance"]) == pytest.approx(math.hypot(4, 4)) for r in rows if r["step"] == "0")
+
+
+def test_rosenbrock_toy_ademamix_schedules_beta3_from_zero():
+    toy = surfaces.RosenbrockToyConfig(steps=100)
+    rule = dict(surfaces.toy_rules(toy))["AdEMAMix b3=0.9999"]
+    assert rule.hyper["betas"][0] == 0.0 and rule.hyper["betas"][2] == 0.9999
+    assert rule.hyper["beta3_warmup"] == rule.hyper["alpha_warmup"] == 100
 
 
 def test_bench_end_to_end(tmp_path, capsys):

@@ -1,10 +1,12 @@
-"""memopt-func: compare memory-augmented optimizers on a small model, on 2-D test functions, and by step time.
+"""memopt-func: compare memory-augmented optimizers on a small language model, a small MLP, 2-D test functions, and by step time.
 
+  memopt-func lm         train a byte-level GPT on real text with each optimizer (table, tokens-to-target, loss plots)
   memopt-func demo       train a small MLP on two spirals with each optimizer (table + loss plots)
   memopt-func surfaces   the critical-momenta exploration experiment on 2-D test functions
   memopt-func bench      optimizer step time against parameter count, with the byte roofline
 
-Every subcommand runs in minutes on a laptop CPU with its defaults; see `memopt-func CMD --help`.
+Every subcommand runs in minutes on a laptop CPU with its defaults (lm: about 15-20 minutes, lm --quick: 2);
+see `memopt-func CMD --help`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import torch
 
@@ -85,6 +88,101 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run(cfg)
 
 
+def _sizes_text(name: str) -> str:
+    from .lm import PRESETS
+
+    p = PRESETS[name]
+    return (
+        f"{name}: {p.layers} layers, d_model {p.d_model}, {p.heads} heads, context {p.context}, batch {p.batch_size}, "
+        f"{p.steps} steps, {p.seeds} seed(s), eval every {p.eval_every} steps on {p.eval_tokens} tokens; lr "
+        + ", ".join(f"{k} {v:g}" for k, v in p.lr.items())
+    )
+
+
+def _add_lm(sub: argparse._SubParsersAction) -> None:
+    from .lm import LM_HYPER, OPTIMIZERS, SWEEP_LRS, LMConfig
+
+    d = LMConfig()
+    valid = list(LM_HYPER)
+    p = sub.add_parser(
+        "lm",
+        help="train a small byte-level GPT on real text with each optimizer and compare",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_paragraphs(
+            "Train a GPT-style decoder (pre-norm, causal scaled_dot_product_attention, tied embeddings) byte-level on "
+            "the Python standard library's own source files (found through sysconfig; no downloads; split into train "
+            "and validation by file with a fixed seed), or on --data, with each optimizer from the same initial "
+            "weights and batches, under one warm-up + cosine schedule, each at its own learning rate. Prints the "
+            "final validation loss (mean +- std over seeds), tokens-to-target (training tokens until the mean "
+            "validation curve reaches AdamW's final loss), tokens per second and optimizer-state bytes per "
+            "parameter; writes loss_curves.png, curves.csv, results.csv and curves.json into --out.",
+            "--lr-sweep trains one seed per optimizer and learning rate instead and reports the best learning "
+            "rate of each (lr_sweep.png, lr_sweep.csv, lr_sweep.json).",
+        ),
+        epilog=_paragraphs(
+            "presets (flags override them): " + "; ".join(_sizes_text(n) for n in ("default", "quick")),
+            "other hyperparameters: " + "; ".join(f"{k} " + ", ".join(f"{a}={v}" for a, v in h.items()) for k, h in LM_HYPER.items())
+            + "; AdEMAMix warms alpha and beta3 up over the whole run.",
+        ),
+    )
+    common.add_common(
+        p, default_out="memopt_out/lm", default_optimizers=OPTIMIZERS, valid=valid, seed=d.seed,
+        seed_help="first seed of the initial weights and the batch order (the train/validation split has its own, fixed)",
+    )
+    p.add_argument("--quick", action="store_const", const="quick", default="default", dest="preset", help="the quick preset (make demo): a smaller model, fewer steps, one seed")
+    p.add_argument("--data", type=Path, metavar="PATH", help="a text file or a folder of text files instead of the standard library's sources")
+    p.add_argument("--steps", type=common.positive_int, help="training steps per run")
+    p.add_argument("--batch-size", type=common.positive_int, help="sequences per batch")
+    p.add_argument("--context", type=common.positive_int, help="sequence length in bytes")
+    p.add_argument("--d-model", type=common.positive_int, help="model width")
+    p.add_argument("--layers", type=common.positive_int, help="transformer blocks")
+    p.add_argument("--heads", type=common.positive_int, help="attention heads (must divide --d-model)")
+    p.add_argument("--seeds", type=common.positive_int, help="seeds per optimizer: --seed, --seed + 1, ...")
+    p.add_argument("--eval-every", type=common.positive_int, help="steps between validation evaluations")
+    p.add_argument("--eval-tokens", type=common.positive_int, help="validation tokens per evaluation (evenly spaced windows)")
+    p.add_argument(
+        "--lr", type=common.lr_overrides(valid), action="append", metavar="NAME=LR",
+        help="override peak learning rates: NAME=LR[,NAME=LR...], or one LR for all; may be repeated",
+    )
+    p.add_argument("--lr-sweep", action="store_true", help="sweep the learning rate of each optimizer (one seed) instead")
+    p.add_argument(
+        "--sweep-lrs", type=_lr_list, default=list(SWEEP_LRS), metavar="LR,LR,...",
+        help=f"learning rates of --lr-sweep (default: {','.join(f'{x:g}' for x in SWEEP_LRS)})",
+    )
+    p.add_argument(
+        "--compile", "--compiled", action="store_true", dest="compile",
+        help="step through memopt_func.compiled.compile_optimizer (torch.optim baselines: torch.compile(opt.step))",
+    )
+    p.add_argument(
+        "--threads", type=common.positive_int, default=1,
+        help="torch intra-op threads (default: 1, steady when other work shares the cores; more help on an idle machine)",
+    )
+    p.set_defaults(func=_run_lm)
+
+
+def _lr_list(text: str) -> list[float]:
+    out = []
+    for part in (x.strip() for x in text.split(",")):
+        if part:
+            out.append(common.positive_float(part))
+    if not out:
+        raise argparse.ArgumentTypeError("expected comma-separated learning rates")
+    return out
+
+
+def _run_lm(args: argparse.Namespace) -> int:
+    from .lm import LMConfig, run
+
+    sizes = ("steps", "batch_size", "context", "d_model", "layers", "heads", "seeds", "eval_every", "eval_tokens")
+    overrides = {k: getattr(args, k) for k in sizes if getattr(args, k) is not None}
+    cfg = LMConfig.from_preset(
+        args.preset, optimizers=args.optimizers, seed=args.seed, data=args.data, lr=common.merge_lr_overrides(args.lr),
+        lr_sweep=args.lr_sweep, sweep_lrs=args.sweep_lrs, compile=args.compile, out=args.out, progress=not args.no_progress,
+        **overrides,
+    )
+    return run(cfg)
+
+
 def _function_list(text: str) -> list[str]:
     try:
         return catalog.parse_names(text, list(SURFACES))
@@ -93,9 +191,10 @@ def _function_list(text: str) -> list[str]:
 
 
 def _add_surfaces(sub: argparse._SubParsersAction) -> None:
-    from .surfaces import SurfacesConfig
+    from .surfaces import RosenbrockToyConfig, SurfacesConfig
 
     c = SurfacesConfig()
+    t = RosenbrockToyConfig()
     p = sub.add_parser(
         "surfaces",
         help="exploration experiment on 2-D test functions (share of runs reaching the global basin)",
@@ -120,21 +219,34 @@ def _add_surfaces(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--functions", type=_function_list, default=c.functions, metavar="NAMES", help=f"comma-separated test functions (default: all: {','.join(SURFACES)})")
     p.add_argument("--starts", type=common.positive_int, default=c.starts, help=f"random starts per optimizer and function (default: {c.starts})")
-    p.add_argument("--steps", type=common.positive_int, default=c.steps, help=f"optimizer steps per run (default: {c.steps})")
+    p.add_argument("--steps", type=common.positive_int, help=f"optimizer steps per run (default: {c.steps}; --rosenbrock-toy: {t.steps})")
     p.add_argument("--shown", type=common.positive_int, default=c.shown, help=f"trajectories drawn per panel (default: {c.shown})")
     p.add_argument(
         "--lr", type=common.lr_overrides(valid), action="append", metavar="NAME=LR",
         help="override learning rates (all functions): NAME=LR[,NAME=LR...], or one LR for all; may be repeated",
     )
+    p.add_argument(
+        "--rosenbrock-toy", action="store_true",
+        help=f"run the AdEMAMix paper's Rosenbrock toy instead: from {t.start}, lr {t.lr:g}, Adam with beta1 in "
+        f"{{{', '.join(f'{b:g}' for b in t.adam_beta1)}}} against AdEMAMix (beta1 0) with beta3 in "
+        f"{{{', '.join(f'{b:g}' for b in t.ademamix_beta3)}}}; trajectories and distance to the minimum "
+        "(--functions, --optimizers, --starts and --lr do not apply)",
+    )
+    p.add_argument("--toy-alpha", type=common.positive_float, default=t.alpha, help=f"AdEMAMix's alpha in --rosenbrock-toy, warmed up over the run (default: {t.alpha:g})")
     _add_threads(p, 1)
     p.set_defaults(func=_run_surfaces)
 
 
 def _run_surfaces(args: argparse.Namespace) -> int:
-    from .surfaces import SurfacesConfig, run
+    from .surfaces import RosenbrockToyConfig, SurfacesConfig, run, run_toy
 
+    if args.rosenbrock_toy:
+        toy = RosenbrockToyConfig(alpha=args.toy_alpha, out=args.out, progress=not args.no_progress)
+        if args.steps is not None:
+            toy.steps = args.steps
+        return run_toy(toy)
     cfg = SurfacesConfig(
-        functions=args.functions, optimizers=args.optimizers, starts=args.starts, steps=args.steps, seed=args.seed,
+        functions=args.functions, optimizers=args.optimizers, starts=args.starts, steps=args.steps or SurfacesConfig.steps, seed=args.seed,
         lr=common.merge_lr_overrides(args.lr), shown=args.shown, out=args.out, progress=not args.no_progress,
     )
     return run(cfg)
@@ -187,7 +299,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memopt-func", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,surfaces,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{lm,demo,surfaces,bench}")
+    _add_lm(sub)
     _add_demo(sub)
     _add_surfaces(sub)
     _add_bench(sub)

@@ -166,6 +166,17 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], left: in
     return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
 
 
+def running_mean(values: Sequence[float], width: int) -> list[float]:
+    """The mean of each value and the ``width - 1`` before it (fewer at the start)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= width:
+            acc -= values[i - width]
+        out.append(acc / min(i + 1, width))
+    return out
+
+
 def pyplot():
     """matplotlib.pyplot on the non-interactive Agg backend (files only, no display needed)."""
     try:

@@ -190,23 +190,13 @@ def table_rows(results: list[RunResult]) -> list[list[Any]]:
     return rows
 
 
-def _smooth(values: list[float], width: int) -> list[float]:
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= width:
-            acc -= values[i - width]
-        out.append(acc / min(i + 1, width))
-    return out
-
-
 def plot(results: list[RunResult], cfg: DemoConfig) -> list[Path]:
     plt = common.pyplot()
     paths = []
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), constrained_layout=True)
     width = max(1, cfg.steps // 50)
     for r in results:
-        (line,) = axes[0].plot(range(1, len(r.batch_loss) + 1), _smooth(r.batch_loss, width), label=r.optimizer, lw=1.4)
+        (line,) = axes[0].plot(range(1, len(r.batch_loss) + 1), common.running_mean(r.batch_loss, width), label=r.optimizer, lw=1.4)
         axes[0].plot(r.steps, r.train_loss, color=line.get_color(), lw=0.8, ls=":")
         axes[1].plot(r.steps, r.val_loss, color=line.get_color(), label=r.optimizer, lw=1.4)
         axes[2].plot(r.steps, [100 * a for a in r.val_acc], color=line.get_color(), label=r.optimizer, lw=1.4)

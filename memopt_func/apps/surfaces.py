@@ -327,3 +327,118 @@ def run(cfg: SurfacesConfig, log: Callable[[str], None] = print) -> int:
     paths += write_results(runs, cfg)
     log("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+# --- the AdEMAMix paper's Rosenbrock toy ------------------------------------------------------
+
+
+@dataclass
+class RosenbrockToyConfig:
+    """One start, one learning rate: Adam over a range of beta1 against AdEMAMix over beta3.
+
+    AdEMAMix runs with beta1 = 0 (its fast EMA is the gradient itself), so its beta3 schedule
+    starts from 0 and reaches beta3 at the last step; alpha warms up over the whole run too.
+    """
+
+    steps: int = 20000
+    lr: float = 0.003
+    start: tuple[float, float] = (-3.0, 5.0)
+    adam_beta1: tuple[float, ...] = (0.9, 0.99, 0.999, 0.9999)
+    ademamix_beta3: tuple[float, ...] = (0.999, 0.9999)
+    alpha: float = 2.0
+    beta2: float = 0.999
+    out: Path = Path("memopt_out/surfaces")
+    progress: bool = True
+
+
+def toy_rules(cfg: RosenbrockToyConfig) -> list[tuple[str, Any]]:
+    """(label, functional rule) for every run of the toy."""
+    runs: list[tuple[str, Any]] = [(f"Adam b1={b1:g}", RULES["Adam"](lr=cfg.lr, betas=(b1, cfg.beta2))) for b1 in cfg.adam_beta1]
+    for b3 in cfg.ademamix_beta3:
+        rule = RULES["AdEMAMix"](
+            lr=cfg.lr, betas=(0.0, cfg.beta2, b3), alpha=cfg.alpha, beta3_warmup=cfg.steps, alpha_warmup=cfg.steps
+        )
+        runs.append((f"AdEMAMix b3={b3:g}", rule))
+    return runs
+
+
+def distances(path: Tensor, surface: Surface) -> Tensor:
+    """Distance of each point of ``path`` [steps + 1, 2] to the nearest global minimiser."""
+    return torch.cdist(path, torch.tensor(surface.minimizers, dtype=path.dtype)).min(dim=1).values
+
+
+TOY_HEADERS = ["run", "dist @ N/4", "dist @ N/2", "dist @ 3N/4", "dist @ N", "f @ N"]
+
+
+def run_toy(cfg: RosenbrockToyConfig, log: Callable[[str], None] = print) -> int:
+    """Run the toy, print distances to the minimum, plot trajectories and distance curves."""
+    common.prepare_out(cfg.out)
+    plt = common.pyplot()
+    surface = SURFACES["rosenbrock"]
+    progress = common.progress_factory(not cfg.progress)
+    log(
+        f"surfaces --rosenbrock-toy: Rosenbrock from {cfg.start}, lr {cfg.lr:g}, {cfg.steps} steps; Adam betas (b1, {cfg.beta2:g}); "
+        f"AdEMAMix betas (0, {cfg.beta2:g}, b3), alpha {cfg.alpha:g}, beta3 and alpha warmed up over all {cfg.steps} steps"
+    )
+    start = torch.tensor([cfg.start], dtype=torch.float64)
+    paths = {label: run_rule(surface, rule, start, cfg.steps, progress, f"{label:<18}")[:, 0] for label, rule in toy_rules(cfg)}
+    dist = {label: distances(p, surface) for label, p in paths.items()}
+    marks = [cfg.steps // 4, cfg.steps // 2, 3 * cfg.steps // 4, cfg.steps]
+    rows = [[label, *(float(d[m]) for m in marks), float(surface.value(paths[label][-1]))] for label, d in dist.items()]
+    log("")
+    log(common.format_table(TOY_HEADERS, rows))
+    log(f"dist @ k: distance to the minimum (1, 1) after k of N = {cfg.steps} steps; f @ N: the final value (minimum 0)")
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2), constrained_layout=True)
+    finite = torch.cat([p[torch.isfinite(p).all(dim=1)] for p in paths.values()])
+    (x0, y0), (x1, y1) = finite.min(dim=0).values.tolist(), finite.max(dim=0).values.tolist()
+    x0, x1 = max(min(x0, 0.5), -6.0) - 0.5, min(max(x1, 1.5), 6.0) + 0.5
+    y0, y1 = max(min(y0, 0.5), -4.0) - 0.5, min(max(y1, 1.5), 12.0) + 0.5
+    xs = torch.linspace(x0, x1, 300, dtype=torch.float64)
+    ys = torch.linspace(y0, y1, 300, dtype=torch.float64)
+    gx, gy = torch.meshgrid(xs, ys, indexing="xy")
+    z = surface.value(torch.stack([gx, gy], dim=-1)).clamp_min(1e-3)
+    levels = torch.logspace(-3, math.log10(float(z.max())), 25).tolist()
+    from matplotlib import colors
+
+    groups = [("Adam", [k for k in paths if k.startswith("Adam ")]), ("AdEMAMix", [k for k in paths if k.startswith("AdEMAMix")])]
+    cmap = plt.get_cmap("tab10")
+    color = {label: cmap(i % 10) for i, label in enumerate(paths)}
+    for ax, (title, labels) in zip(axes[:2], groups):
+        ax.contourf(gx.numpy(), gy.numpy(), z.numpy(), levels=levels, norm=colors.LogNorm(), cmap="Greys_r", alpha=0.55)
+        ax.contour(gx.numpy(), gy.numpy(), z.numpy(), levels=levels, norm=colors.LogNorm(), colors="k", linewidths=0.25, alpha=0.5)
+        for label in labels:
+            p = paths[label]
+            p = p[torch.isfinite(p).all(dim=1)].numpy()
+            ax.plot(p[:, 0], p[:, 1], color=color[label], lw=1.1, label=label)
+            ax.plot(p[-1, 0], p[-1, 1], "x", color=color[label], ms=8, mew=2)
+        ax.plot(*cfg.start, "o", color="k", ms=5)
+        ax.plot(1.0, 1.0, "*", color="gold", ms=13, mec="k", mew=0.6)
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+        ax.set_title(f"{title}: trajectories (o start, x end, star minimum)", fontsize=10)
+        ax.legend(fontsize=8, loc="lower right")
+    steps = torch.arange(cfg.steps + 1)
+    for label, d in dist.items():
+        axes[2].plot(steps.numpy(), d.clamp_min(1e-8).numpy(), color=color[label], lw=1.2, label=label)
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("step")
+    axes[2].set_ylabel("distance to the minimum")
+    axes[2].set_title("distance to (1, 1)", fontsize=10)
+    axes[2].grid(True, alpha=0.3)
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"Rosenbrock from {cfg.start}, lr {cfg.lr:g}, {cfg.steps} steps; AdEMAMix: beta1 0, alpha {cfg.alpha:g}, beta3 and alpha warmed up over the run")
+    png = cfg.out / "rosenbrock_toy.png"
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+    every = max(1, cfg.steps // 1000)
+    csv_path = cfg.out / "rosenbrock_toy.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "step", "x", "y", "distance"])
+        for label, p in paths.items():
+            for t in range(0, cfg.steps + 1, every):
+                w.writerow([label, t, float(p[t, 0]), float(p[t, 1]), float(dist[label][t])])
+    log(f"wrote {png}, {csv_path}")
+    return 0
