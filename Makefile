@@ -47,6 +47,11 @@ lm: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q bench --benchmark-enable --benchmark-only
 
+# On a CUDA machine: GPU correctness checks, then speed against fused and compiled AdamW
+# (bench/gpu_results/); without CUDA, `make gpu-check ARGS=--dry-run` runs the same code path.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py $(ARGS)
+
 roofline: $(STAMP)
 	$(BIN)/python bench/roofline.py
 
