@@ -15,17 +15,23 @@ from torch import nn
 from memopt_func import optim as O
 from memopt_func import rules
 
-OPTIMIZERS = ("Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix")
-CRITICAL = ("Adam_CM", "Adam_C", "RMSprop_C", "SGD_C")
+# AdEMAMix_C: rules.with_critical_buffer over AdEMAMix, as a drop-in through optim.from_rule's class
+# (optim.optimizer_class(rules.critical_class(rules.AdEMAMix))); it has no published counterpart.
+OPTIMIZERS = ("Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix", "AdEMAMix_C")
+CRITICAL = ("Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix_C")
 # Per-step ("dynamic") fields of each critical state entry that belong to the whole group when synced.
 GROUP_KEYS = ("critical_keys", "critical_count", "critical_offers", "critical_accepted")
 
 
 def dropin(name: str) -> type[torch.optim.Optimizer]:
+    if name == "AdEMAMix_C":
+        return O.optimizer_class(rules.critical_class(rules.AdEMAMix))
     return getattr(O, name)
 
 
 def rule(name: str) -> type:
+    if name == "AdEMAMix_C":
+        return rules.critical_class(rules.AdEMAMix)
     return getattr(rules, name)
 
 
@@ -150,12 +156,15 @@ RESUME_CONFIGS = [
     ("SGD_C", dict(lr=1e-2, topC=4, synced=False, buffer_dtype=torch.float16, weight_decay=0.01), 2),
     ("AdEMAMix", dict(lr=1e-2, beta3_warmup=12, alpha_warmup=9), 4),
     ("AdEMAMix", dict(lr=1e-2, beta3_warmup=20, weight_decay=0.1, alpha=4.0), 6),
+    ("AdEMAMix_C", dict(lr=1e-2, topC=5, beta3_warmup=12, alpha_warmup=9), 3),
+    ("AdEMAMix_C", dict(lr=1e-2, topC=3, synced=False, aggr="mean", critical_test=0.3, seed=5, weight_decay=0.1), 6),
 ]
 # Configurations whose drop-in needs state built from a non-default momentum / beta1 (resumed in-process only).
 RESUME_CONFIGS_EXTRA = [
     ("SGD_C", dict(lr=1e-2, topC=4, momentum=0.9, dampening=0.1), 2),
     ("RMSprop_C", dict(lr=1e-3, topC=4, momentum=0.5), 3),
     ("AdEMAMix", dict(lr=1e-2, betas=(0.0, 0.999, 0.999), beta3_warmup=10), 3),
+    ("AdEMAMix_C", dict(lr=1e-2, topC=4, betas=(0.0, 0.999, 0.999), buffer_dtype=torch.float32), 2),
 ]
 
 

@@ -20,13 +20,16 @@ PUBLISHED_ORDER = {
     "RMSprop_C": ["lr", "alpha", "eps", "weight_decay", "momentum", "centered", "decay", "kappa", "topC", "critical_test", "synced", "buffer_dtype"],
     "SGD_C": ["lr", "kappa", "dampening", "weight_decay", "momentum", "decay", "topC", "critical_test", "synced", "buffer_dtype"],
     "AdEMAMix": ["lr", "betas", "alpha", "beta3_warmup", "alpha_warmup", "eps", "weight_decay"],
+    # No published counterpart: from_rule's class takes the rule's HYPERS order (AdEMAMix's, then the buffer's).
+    "AdEMAMix_C": ["lr", "betas", "alpha", "beta3_warmup", "alpha_warmup", "eps", "weight_decay", "maximize", "foreach",
+                   "kappa", "topC", "decay", "critical_test", "synced", "buffer_dtype", "aggr", "seed"],
 }
 # A valid, non-default value for each argument, distinct across arguments where possible.
 SAMPLE = {
     "lr": 0.123, "betas": (0.81, 0.982), "eps": 1e-7, "decay": 0.55, "kappa": 0.75, "topC": 3,
     "weight_decay": 0.031, "amsgrad": True, "critical_test": 0.2, "synced": False, "buffer_dtype": torch.float32,
     "alpha": 0.93, "momentum": 0.44, "centered": True, "dampening": 0.17,
-    "beta3_warmup": 17, "alpha_warmup": 19,
+    "beta3_warmup": 17, "alpha_warmup": 19, "maximize": True, "foreach": False, "aggr": "mean", "seed": 23,
 }
 SPEC_DEFAULTS = {
     "SGD_C": dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, kappa=1.0, topC=10, decay=0.7,
@@ -39,11 +42,15 @@ SPEC_DEFAULTS = {
                     decay=0.7, critical_test=0.0, synced=True, buffer_dtype=None, aggr="sum"),
     "AdEMAMix": dict(lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, beta3_warmup=None, alpha_warmup=None,
                      eps=1e-8, weight_decay=0.0),
+    # with_critical_buffer's defaults over a rule without a named critical variant: topC 10, aggr "sum".
+    "AdEMAMix_C": dict(lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, beta3_warmup=None, alpha_warmup=None,
+                       eps=1e-8, weight_decay=0.0, maximize=False, foreach=None, kappa=1.0, topC=10, decay=0.7,
+                       critical_test=0.0, synced=True, buffer_dtype=None, aggr="sum", seed=0),
 }
 
 
 def _sample(name, arg):
-    if arg == "betas" and name == "AdEMAMix":
+    if arg == "betas" and name in ("AdEMAMix", "AdEMAMix_C"):
         return (0.81, 0.982, 0.9991)
     return SAMPLE[arg]
 
@@ -80,7 +87,7 @@ def test_too_many_positional_or_duplicate_arguments_raise_type_error(name):
 def test_unknown_keyword_raises_type_error(name):
     with pytest.raises(TypeError, match="bogus_option"):
         dropin(name)(mlp().parameters(), lr=1e-3, bogus_option=1)
-    if name != "AdEMAMix":
+    if name not in ("AdEMAMix", "AdEMAMix_C"):
         with pytest.raises(TypeError, match="nesterov"):  # SGD's nesterov is not an argument of these
             dropin(name)(mlp().parameters(), nesterov=True)
 
@@ -110,6 +117,14 @@ CRITICAL_INVALID = [
     ("buffer_dtype", torch.int32, "int32"),
     ("aggr", "median", "median"),
 ]
+ADEMAMIX_INVALID = [
+    ("betas", (0.9, 0.999), "0.999"),
+    ("betas", (0.9, 0.999, 1.0), "1.0"),
+    ("alpha", -2.0, "-2"),
+    ("beta3_warmup", 0, "0"),
+    ("beta3_warmup", 2.5, "2.5"),
+    ("alpha_warmup", -5, "-5"),
+]
 INVALID = {
     "Adam_CM": COMMON_INVALID + ADAM_INVALID + CRITICAL_INVALID,
     "Adam_C": COMMON_INVALID + ADAM_INVALID + CRITICAL_INVALID,
@@ -119,13 +134,9 @@ INVALID = {
     "SGD_C": [c for c in COMMON_INVALID if c[0] != "eps"] + CRITICAL_INVALID + [
         ("momentum", -0.9, "-0.9"), ("dampening", float("inf"), "inf"),
     ],
-    "AdEMAMix": COMMON_INVALID + [
-        ("betas", (0.9, 0.999), "0.999"),
-        ("betas", (0.9, 0.999, 1.0), "1.0"),
-        ("alpha", -2.0, "-2"),
-        ("beta3_warmup", 0, "0"),
-        ("beta3_warmup", 2.5, "2.5"),
-        ("alpha_warmup", -5, "-5"),
+    "AdEMAMix": COMMON_INVALID + ADEMAMIX_INVALID,
+    "AdEMAMix_C": COMMON_INVALID + ADEMAMIX_INVALID + CRITICAL_INVALID + [
+        ("maximize", "yes", "yes"), ("foreach", 1, "1"), ("seed", 2.5, "2.5"),
     ],
 }
 INVALID_CASES = [(name, arg, value, text) for name in OPTIMIZERS for arg, value, text in INVALID[name]]
@@ -206,3 +217,13 @@ def test_valid_edge_values_are_accepted(name):
         mse(model, 0).backward()
         opt.step()
         assert all(math.isfinite(float(p.detach().abs().sum())) for p in model.parameters())
+
+
+def test_ademamix_c_is_the_class_from_rule_gives():
+    """The AdEMAMix_C these tests drive is what from_rule makes of with_critical_buffer over AdEMAMix."""
+    from memopt_func import optim, rules
+
+    r = rules.with_critical_buffer(rules.AdEMAMix(lr=1e-2, alpha=5.0), topC=4, decay=0.9)
+    opt = optim.from_rule(mlp().parameters(), r)
+    assert type(opt) is dropin("AdEMAMix_C") and type(opt).__name__ == "AdEMAMix_COptimizer"
+    assert opt.defaults == {**r.hyper, "differentiable": False}

@@ -15,6 +15,8 @@ GROUPS = {
     "RMSprop_C": (dict(lr=1e-3, topC=2), dict(lr=2e-3, topC=4, synced=False, centered=True, alpha=0.9)),
     "SGD_C": (dict(lr=1e-2, topC=2, synced=False), dict(lr=5e-2, topC=5, decay=0.5, weight_decay=0.01)),
     "AdEMAMix": (dict(lr=1e-2, alpha=2.0), dict(lr=3e-3, alpha=5.0, beta3_warmup=4, alpha_warmup=3)),
+    "AdEMAMix_C": (dict(lr=1e-2, topC=2, alpha=2.0),
+                   dict(lr=3e-3, topC=4, synced=False, alpha=5.0, beta3_warmup=4, aggr="mean", decay=0.9)),
 }
 DEFAULTS = {
     "Adam_CM": dict(lr=1e-3, topC=3),
@@ -22,6 +24,7 @@ DEFAULTS = {
     "RMSprop_C": dict(lr=1e-3, topC=3),
     "SGD_C": dict(lr=1e-3, topC=3),
     "AdEMAMix": dict(lr=1e-3),
+    "AdEMAMix_C": dict(lr=1e-3, topC=3),
 }
 
 
@@ -234,7 +237,7 @@ def test_param_without_grad_is_skipped_per_tensor(name):
     assert int(opt.state[params[1]]["critical_count"]) == 2
 
 
-@pytest.mark.parametrize("name", ["AdEMAMix", "Adam_CM"])
+@pytest.mark.parametrize("name", ["AdEMAMix", "Adam_CM", "AdEMAMix_C"])
 def test_group_without_any_grad_is_untouched(name):
     model = mlp()
     w1, b1, w2, b2 = model.parameters()

@@ -58,6 +58,8 @@ CONFIGS = [
     ("AdEMAMix", dict(lr=1e-2, weight_decay=0.1)),
     ("AdEMAMix", dict(lr=1e-2, beta3_warmup=5, alpha_warmup=4)),
     ("AdEMAMix", dict(lr=1e-2, betas=(0.0, 0.999, 0.999))),
+    ("AdEMAMix_C", dict(lr=1e-2, topC=3, critical_test=0.3, beta3_warmup=5, alpha_warmup=4)),
+    ("AdEMAMix_C", dict(lr=1e-2, topC=2, synced=False, aggr="mean", weight_decay=0.1, buffer_dtype=torch.float32)),
 ]
 
 
@@ -98,7 +100,7 @@ def test_step_does_not_sync(cfg, tensor_lr):
         _steps_without_sync(model, opt, 7, 2)
 
 
-@pytest.mark.parametrize("name", ["Adam_CM", "SGD_C", "AdEMAMix"])
+@pytest.mark.parametrize("name", ["Adam_CM", "SGD_C", "AdEMAMix", "AdEMAMix_C"])
 def test_tensor_lr_switched_in_after_float_steps_does_not_sync(name):
     kwargs = dict(lr=1e-2) if name == "AdEMAMix" else dict(lr=1e-2, topC=3, momentum=0.9) if name == "SGD_C" else dict(lr=1e-2, topC=3)
     model = mlp()
@@ -111,7 +113,7 @@ def test_tensor_lr_switched_in_after_float_steps_does_not_sync(name):
     _steps_without_sync(model, opt, 2, 3)
 
 
-@pytest.mark.parametrize("name", ["Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix"])
+@pytest.mark.parametrize("name", ["Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix", "AdEMAMix_C"])
 def test_tensor_lr_gives_the_same_run_as_float_lr(name):
     """A 0-d tensor lr is the same hyperparameter as the float (to float64 rounding)."""
     kwargs = dict(lr=1e-2) if name == "AdEMAMix" else dict(lr=1e-2, topC=3)

@@ -30,6 +30,12 @@ VARIANTS = [
     ("AdEMAMix", dict(lr=1e-2, weight_decay=0.1, alpha=5.0)),
     ("AdEMAMix", dict(lr=1e-2, alpha_warmup=7, beta3_warmup=11)),
     ("AdEMAMix", dict(lr=1e-2, betas=(0.0, 0.999, 0.999), beta3_warmup=5)),
+    ("AdEMAMix_C", dict(lr=1e-2, topC=3)),
+    ("AdEMAMix_C", dict(lr=1e-2, topC=3, synced=False, weight_decay=0.1, alpha=5.0, aggr="mean")),
+    ("AdEMAMix_C", dict(lr=1e-2, topC=4, alpha_warmup=7, beta3_warmup=11, critical_test=0.4, seed=3, decay=0.9,
+                        maximize=True)),
+    ("AdEMAMix_C", dict(lr=1e-2, topC=2, synced=False, betas=(0.0, 0.999, 0.999), aggr="buffer",
+                        buffer_dtype=torch.float16, kappa=2.0, foreach=False)),
 ]
 
 
@@ -46,7 +52,7 @@ def test_dropin_matches_functional_rule_bitwise_float64(variant):
 
 @pytest.mark.parametrize(
     "variant",
-    [VARIANTS[1], VARIANTS[6], VARIANTS[10], VARIANTS[14], VARIANTS[18]],
+    [VARIANTS[1], VARIANTS[6], VARIANTS[10], VARIANTS[14], VARIANTS[18], VARIANTS[21]],
     ids=lambda v: _id(v),
 )
 def test_dropin_matches_functional_rule_bitwise_float32(variant):
@@ -55,7 +61,7 @@ def test_dropin_matches_functional_rule_bitwise_float32(variant):
 
 
 @pytest.mark.parametrize("synced", [True, False])
-@pytest.mark.parametrize("name", ["Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix"])
+@pytest.mark.parametrize("name", ["Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix", "AdEMAMix_C"])
 def test_dropin_matches_functional_rule_with_missing_gradients(name, synced):
     """Parameters without .grad at some steps: the drop-in skips them exactly as the rule skips None leaves."""
     kwargs = dict(lr=1e-2) if name == "AdEMAMix" else dict(lr=1e-2, topC=3, synced=synced)
@@ -83,6 +89,10 @@ DEGENERATE = [
      torch.optim.SGD, dict(lr=1e-2, momentum=0.5, weight_decay=0.1)),
     ("AdEMAMix", dict(lr=1e-2, alpha=0.0), torch.optim.AdamW, dict(lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0)),
     ("AdEMAMix", dict(lr=1e-2, alpha=0.0, betas=(0.8, 0.99, 0.999), weight_decay=0.1, eps=1e-6, beta3_warmup=5),
+     torch.optim.AdamW, dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, eps=1e-6)),
+    ("AdEMAMix_C", dict(lr=1e-2, alpha=0.0, kappa=0.0),
+     torch.optim.AdamW, dict(lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0)),
+    ("AdEMAMix_C", dict(lr=1e-2, alpha=0.0, topC=0, betas=(0.8, 0.99, 0.999), weight_decay=0.1, eps=1e-6),
      torch.optim.AdamW, dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, eps=1e-6)),
 ]
 
@@ -130,6 +140,7 @@ def test_degenerate_sgd_c_differs_from_nondegenerate():
         ("RMSprop_C", dict(lr=1e-3, topC=3, momentum=0.5)),
         ("SGD_C", dict(lr=1e-2, topC=3, momentum=0.9, synced=False)),
         ("AdEMAMix", dict(lr=1e-2, beta3_warmup=6)),
+        ("AdEMAMix_C", dict(lr=1e-2, topC=3, beta3_warmup=6, synced=False)),
     ],
     ids=lambda v: _id(v),
 )

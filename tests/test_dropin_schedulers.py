@@ -28,11 +28,13 @@ BASE = {
     "RMSprop_C": dict(lr=1e-2, topC=3, centered=True),
     "SGD_C": dict(lr=5e-2, topC=3, weight_decay=0.01),
     "AdEMAMix": dict(lr=1e-2, beta3_warmup=8),
+    "AdEMAMix_C": dict(lr=1e-2, topC=3, beta3_warmup=8, synced=False),
 }
 # OneCycleLR(cycle_momentum=True) on SGD_C / RMSprop_C needs them built with momentum != 0.
 ONE_CYCLE = {**BASE, "RMSprop_C": dict(lr=1e-2, topC=3, momentum=0.5), "SGD_C": dict(lr=5e-2, topC=3, momentum=0.9)}
 # The group entry OneCycleLR(cycle_momentum=True) cycles: beta1 where the optimizer has betas, else momentum.
-MOMENTUM_KEY = {"Adam_CM": "betas", "Adam_C": "betas", "RMSprop_C": "momentum", "SGD_C": "momentum", "AdEMAMix": "betas"}
+MOMENTUM_KEY = {"Adam_CM": "betas", "Adam_C": "betas", "RMSprop_C": "momentum", "SGD_C": "momentum", "AdEMAMix": "betas",
+                "AdEMAMix_C": "betas"}
 STEPS = 16
 
 

@@ -55,9 +55,10 @@ def _check_mid_fill_or_warmup(name, kwargs, k, sd):
     if name in CRITICAL:
         counts = [int(v["critical_count"].reshape(-1)[0]) for v in sd["state"].values() if "critical_count" in v]
         assert counts and all(c == min(k, kwargs["topC"]) for c in counts)
-    else:
-        warm = [w for w in (kwargs.get("beta3_warmup"), kwargs.get("alpha_warmup")) if w]
-        assert warm and all(k < w for w in warm)
+    warm = [w for w in (kwargs.get("beta3_warmup"), kwargs.get("alpha_warmup")) if w]
+    assert all(k < w for w in warm)
+    if name not in CRITICAL:
+        assert warm
 
 
 def test_resume_configs_cover_mid_fill_and_mid_warmup():
@@ -66,6 +67,8 @@ def test_resume_configs_cover_mid_fill_and_mid_warmup():
     assert any(n in CRITICAL and k >= kw["topC"] for n, kw, k in RESUME_CONFIGS), "and once with a full buffer"
     assert any(n == "AdEMAMix" and k < kw.get("alpha_warmup", 0) for n, kw, k in RESUME_CONFIGS)
     assert any(n == "AdEMAMix" and k < kw.get("beta3_warmup", 0) for n, kw, k in RESUME_CONFIGS)
+    assert any(n == "AdEMAMix_C" and k < min(kw["topC"], kw.get("alpha_warmup", 0), kw.get("beta3_warmup", 0))
+               for n, kw, k in RESUME_CONFIGS), "the combinator is saved mid-fill and mid-warmup at once"
 
 
 @pytest.mark.parametrize("cfg", RESUME_CONFIGS + RESUME_CONFIGS_EXTRA, ids=[_cfg_id(c) for c in RESUME_CONFIGS + RESUME_CONFIGS_EXTRA])
@@ -214,10 +217,11 @@ def test_load_float64_state_into_float32_params(name):
         assert all(torch.isfinite(p).all() for p in params)
 
 
-def test_load_float64_ademamix_state_into_float32_params():
-    _, opt64, _ = _checkpoint("AdEMAMix", dict(lr=1e-2), 3)
+@pytest.mark.parametrize("name", ["AdEMAMix", "AdEMAMix_C"])
+def test_load_float64_ademamix_state_into_float32_params(name):
+    _, opt64, _ = _checkpoint(name, dict(lr=1e-2), 3)
     model32 = mlp(dtype=torch.float32)
-    opt32 = dropin("AdEMAMix")(model32.parameters(), lr=1e-2)
+    opt32 = dropin(name)(model32.parameters(), lr=1e-2)
     opt32.load_state_dict(_roundtrip(opt64.state_dict()))
     for p in model32.parameters():
         for key in ("exp_avg", "exp_avg_slow", "exp_avg_sq"):
@@ -258,6 +262,20 @@ def test_load_state_dict_of_another_optimizer_is_refused_cleanly():
     with pytest.raises(ValueError):
         dst.load_state_dict(_roundtrip(src.state_dict()))
     assert [dict(g) for g in dst.param_groups] == groups_before
+
+
+@pytest.mark.parametrize("src_name,dst_name", [("AdEMAMix", "AdEMAMix_C"), ("AdEMAMix_C", "AdEMAMix")])
+def test_load_state_dict_across_the_critical_buffer_is_refused_cleanly(src_name, dst_name):
+    """AdEMAMix and AdEMAMix_C keep AdEMAMix's moments under the same names; neither loads the other's state."""
+    model = mlp()
+    src = dropin(src_name)(model.parameters(), lr=1e-2)
+    train(model, src, 0, 2)
+    dst = dropin(dst_name)(model.parameters(), lr=1e-2)
+    groups_before = [dict(g) for g in dst.param_groups]
+    with pytest.raises(ValueError):
+        dst.load_state_dict(_roundtrip(src.state_dict()))
+    assert [dict(g) for g in dst.param_groups] == groups_before
+    assert not any(dst.state.get(p) for p in model.parameters())
 
 
 def test_state_dict_snapshot_is_not_changed_by_later_steps_after_save():

@@ -129,7 +129,8 @@ def test_stats_critical_test_one_admits_everything(name):
     _check(opt.get_offline_stats(), dict(offers=5, accepted=5, refused=0, yes=3, no=0))
 
 
-@pytest.mark.parametrize("name,kwargs", [("AdEMAMix", {}), ("Adam_CM", dict(kappa=0.0)), ("SGD_C", dict(topC=0))])
+@pytest.mark.parametrize("name,kwargs", [("AdEMAMix", {}), ("Adam_CM", dict(kappa=0.0)), ("SGD_C", dict(topC=0)),
+                                         ("AdEMAMix_C", dict(kappa=0.0))])
 def test_stats_without_buffer_are_zero(name, kwargs):
     p = nn.Parameter(torch.zeros(3, dtype=torch.float64))
     opt = dropin(name)([p], lr=1e-3, **kwargs)

@@ -17,6 +17,7 @@ SETTINGS = {
     "SGD_C": dict(lr=5e-2, topC=5),
     "SGD_C-momentum": dict(lr=5e-3, topC=5, momentum=0.9),
     "AdEMAMix": dict(lr=1e-2, beta3_warmup=50, alpha_warmup=50),
+    "AdEMAMix_C": dict(lr=1e-2, topC=5, beta3_warmup=50, alpha_warmup=50),
 }
 
 
