@@ -54,7 +54,6 @@ SUBSETS = {
         "tests/test_sink_row.py",
         "properties/test_prop_eager_equals_compiled.py::test_invariant_eager_equals_flat_stepper",
         "tests/test_compiled.py",
-        "tests/test_field_ready.py",
     ],
 }
 
