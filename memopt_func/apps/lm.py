@@ -73,10 +73,10 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # About 1.5 minutes of training for the five optimizers on 2 CPU cores (make demo).
+    # About a minute of training for the five optimizers on 2 CPU cores (make demo).
     "quick": Preset(
-        steps=500, batch_size=16, context=64, d_model=64, layers=2, heads=2, seeds=1, eval_every=50, eval_tokens=16384,
-        lr={"AdamW": 4e-3, "AdEMAMix": 4e-3, "Adam": 4e-3, "Adam_CM": 4e-3, "Adam_C": 1e-3},
+        steps=300, batch_size=16, context=64, d_model=64, layers=2, heads=2, seeds=1, eval_every=30, eval_tokens=8192,
+        lr={"AdamW": 4e-3, "AdEMAMix": 2e-3, "Adam": 4e-3, "Adam_CM": 2e-3, "Adam_C": 1e-3},
     ),
     # About 15-20 minutes on 2 CPU cores; the README's figure.
     "default": Preset(
