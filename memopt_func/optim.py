@@ -154,6 +154,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
         """A group's state keeps the layout it was made with: a structural hyperparameter
         (``topC``, ``synced``, ``buffer_dtype``, ``amsgrad``, a momentum set to or from 0, ...)
         changed after the state exists raises, naming it; other changes apply from this step on."""
+        if torch.compiler.is_compiling():
+            # a float that changes is symbolic in a compiled frame; the eager steps check this
+            return
         before, old_rule, old_values = self._laid_out.get(params[0], (None, None, None))
         key = self._rule_key(group)
         if before is None or before == key:
@@ -383,7 +386,9 @@ def _layout_value(value: Any) -> Any:
 def _is_python_zero(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return tuple(_is_python_zero(v) for v in value)
-    return not isinstance(value, Tensor) and value == 0
+    # bool(): under torch.compile a float that changes is symbolic, and its comparison must be
+    # decided (a guard) before it goes into a key that is compared and hashed
+    return not isinstance(value, Tensor) and bool(value == 0)
 
 
 # The state_dict entry naming the rule that saved it.

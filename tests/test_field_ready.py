@@ -352,3 +352,25 @@ def test_a_refused_load_leaves_the_optimizer_as_it_was():
     after = a.state[next(m.parameters())]
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     a.step()
+
+
+def test_torch_compile_of_step_with_a_float_lr_and_a_scheduler_runs():
+    """PyTorch's recipe with a float lr that a scheduler changes: Dynamo makes the float
+    symbolic after the first change, which the group checks must not trip over."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = optim.AdEMAMix(model.parameters(), lr=1e-3)
+    twin = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    twin.load_state_dict(model.state_dict())
+    ref = optim.AdEMAMix(twin.parameters(), lr=1e-3)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda k: 1.0 / (1 + k)) for o in (opt, ref)]
+    step = torch.compile(opt.step)
+    for k in range(4):
+        for m in (model, twin):
+            for i, p in enumerate(m.parameters()):
+                p.grad = torch.full_like(p, 0.1 * (k + 1 + i))
+        step()
+        ref.step()
+        for s in scheds:
+            s.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
