@@ -187,7 +187,7 @@ def decide(
     else:
         left_out = (~finite).to(torch.int64)
     rows = [0] * len(idx) if synced else list(range(len(idx)))
-    leaf_ok = _leaf_flags(finite, segments, len(idx)) if finite is not None and synced else [None] * len(idx)
+    leaf_ok = _leaf_flags(finite, segments) if finite is not None and synced else [None] * len(idx)
     return Decision(
         moved=moved,
         keys=keys.scatter(1, slot[:, None], new_key[:, None]),
@@ -202,7 +202,7 @@ def decide(
     )
 
 
-def _leaf_flags(finite: Tensor, segments, n: int) -> list[Tensor]:
+def _leaf_flags(finite: Tensor, segments) -> list[Tensor]:
     """Per leaf of a synced group, whether its tensor's norm is finite: 0-d, or one flag per
     element for a leaf with segments (its tensors' flags repeated over their elements)."""
     if not segments or all(s is None for s in segments):
