@@ -68,8 +68,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "cb-norm-ord", CB,
-        "torch.stack(torch._foreach_norm(grads, 2, dtype=state.keys.dtype))",
-        "torch.stack(torch._foreach_norm(grads, 1, dtype=state.keys.dtype))",
+        "grads, 2, dtype=state.keys.dtype)",
+        "grads, 1, dtype=state.keys.dtype)",
         "L1 instead of L2 norm per tensor",
         "gap: priorities are L2 norms",
     ),
@@ -175,8 +175,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "cb-mean-divisor", CB,
-        "torch._foreach_mul_(out, M.per_leaf(1.0 / (count + 1), xs))",
-        "torch._foreach_mul_(out, M.per_leaf(1.0 / count.clamp(min=1), xs))",
+        "M.per_leaf(1.0 / (count + 1), xs)",
+        "M.per_leaf(1.0 / count.clamp(min=1), xs)",
         "aggr='mean' divides by count instead of count + 1",
         "gap: mean form is (x + kappa*buf_sum)/(count + 1)",
     ),
@@ -242,8 +242,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "cm-momentum-on-seed", "memopt_func/adam_cm.py",
-        "m = [x.masked_fill_(c, 0.0) for c, x in zip(seeding, M.ema(_tree.take(base.exp_avg, idx), grads, b1, inplace))]",
-        "m = [x for c, x in zip(seeding, M.ema(_tree.take(base.exp_avg, idx), grads, b1, inplace))]",
+        "m = [M.zero_where(c, x) for c, x in zip(seeding,",
+        "m = [x for c, x in zip(seeding,",
         "Adam_CM's seeding step updates m",
         "gap: the seeding step keeps m = 0 (reference behaviour)",
     ),
@@ -277,8 +277,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "rms-centered-sign", "memopt_func/rmsprop.py",
-        "avg = list(torch._foreach_addcmul(sq, ga, ga, value=-1))",
-        "avg = list(torch._foreach_addcmul(sq, ga, ga, value=1))",
+        "sq, ga, ga, value=-1)",
+        "sq, ga, ga, value=1)",
         "centered RMSprop adds ga^2 instead of subtracting",
         "gap: centered avg = sqrt(sq - ga^2) + eps",
     ),
@@ -327,22 +327,24 @@ MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ _math
     Mutant(
         "math-ema-beta", MATH,
-        "return list(torch._foreach_lerp(ms, xs, 1 - beta))",
-        "return list(torch._foreach_lerp(ms, xs, beta))",
+        '"lerp_" if inplace else "lerp", ms, xs, 1 - beta)',
+        '"lerp_" if inplace else "lerp", ms, xs, 1 - beta if inplace else beta)',
+
         "EMA with beta and 1 - beta swapped (pure path)",
         "gap: m = beta*m + (1-beta)*x",
     ),
     Mutant(
         "math-ema-beta-inplace", MATH,
-        "torch._foreach_lerp_(ms, xs, 1 - beta)",
-        "torch._foreach_lerp_(ms, xs, beta)",
+        '"lerp_" if inplace else "lerp", ms, xs, 1 - beta)',
+        '"lerp_" if inplace else "lerp", ms, xs, beta if inplace else 1 - beta)',
+
         "EMA with beta and 1 - beta swapped (donated path: Stepper, drop-ins)",
         "gap: donated and pure steps compute the same numbers",
     ),
     Mutant(
         "math-ema-sq-weight", MATH,
-        "torch._foreach_addcmul_(out, xs, xs, value=1 - beta)",
-        "torch._foreach_addcmul_(out, xs, xs, value=beta)",
+        "out, xs, xs, value=1 - beta)",
+        "out, xs, xs, value=beta)",
         "second moment weighs x*x by beta",
         "gap: v = beta*v + (1-beta)*x*x",
     ),
@@ -355,8 +357,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "math-no-eps", MATH,
-        "torch._foreach_add_(d, _fit(d, eps))",
-        "torch._foreach_add_(d, _fit(d, 0.0 * eps))",
+        "_fit(d, eps))",
+        "_fit(d, 0.0 * eps))",
         "eps dropped from the Adam denominator",
         "gap: denom adds eps",
     ),
@@ -376,8 +378,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "math-amsgrad-min", MATH,
-        "return list(torch._foreach_maximum(vmax, vs))",
-        "return list(torch._foreach_minimum(vmax, vs))",
+        '"maximum_" if inplace else "maximum", vmax, vs)',
+        '"minimum_" if inplace else "minimum", vmax, vs)',
         "amsgrad keeps the running minimum",
         "gap: vmax = max(vmax, v)",
     ),
