@@ -3,10 +3,11 @@
   memopt-func lm         train a byte-level GPT on real text with each optimizer (table, tokens-to-target, loss plots)
   memopt-func demo       train a small MLP on two spirals with each optimizer (table + loss plots)
   memopt-func surfaces   the critical-momenta exploration experiment on 2-D test functions
+                         (--rosenbrock-toy: the AdEMAMix paper's Rosenbrock toy)
   memopt-func bench      optimizer step time against parameter count, with the byte roofline
 
-Every subcommand runs in minutes on a laptop CPU with its defaults (lm: about 15-20 minutes, lm --quick: 2);
-see `memopt-func CMD --help`.
+Every subcommand runs in minutes on a laptop CPU with its defaults (lm: about 20 minutes on 2 cores,
+lm --quick: about 1 minute); see `memopt-func CMD --help`.
 """
 
 from __future__ import annotations
@@ -197,7 +198,8 @@ def _add_surfaces(sub: argparse._SubParsersAction) -> None:
     t = RosenbrockToyConfig()
     p = sub.add_parser(
         "surfaces",
-        help="exploration experiment on 2-D test functions (share of runs reaching the global basin)",
+        help="exploration experiment on 2-D test functions (share of runs reaching the global basin); "
+        "--rosenbrock-toy: the AdEMAMix paper's Rosenbrock toy",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=_paragraphs(
             "The critical-momenta paper's exploration experiment: from many random starts (the same for every "

@@ -78,14 +78,14 @@ PRESETS: dict[str, Preset] = {
         steps=300, batch_size=16, context=64, d_model=64, layers=2, heads=2, seeds=1, eval_every=30, eval_tokens=8192,
         lr={"AdamW": 4e-3, "AdEMAMix": 2e-3, "Adam": 4e-3, "Adam_CM": 2e-3, "Adam_C": 1e-3},
     ),
-    # About 15-20 minutes on 2 CPU cores; the README's figure.
+    # About 20 minutes on 2 CPU cores; the README's figure.
     "default": Preset(
         steps=360, batch_size=16, context=128, d_model=144, layers=4, heads=4, seeds=2, eval_every=30, eval_tokens=24576,
-        lr={"AdamW": 4e-3, "AdEMAMix": 4e-3, "Adam": 4e-3, "Adam_CM": 4e-3, "Adam_C": 4e-3},
+        lr={"AdamW": 2e-3, "AdEMAMix": 2e-3, "Adam": 2e-3, "Adam_CM": 2.5e-4, "Adam_C": 5e-4},
     ),
 }
 
-SWEEP_LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)
+SWEEP_LRS = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3)
 
 
 @dataclass
