@@ -36,7 +36,7 @@ class CriticalBufferState(NamedTuple):
     accepted: Tensor  # [B] int64, offers admitted so far
     nonfinite: Tensor  # [B] int64, tensors left out of an offer for a non-finite gradient norm
     buf: tuple[Tensor, ...]  # per leaf [C, *p.shape] in buffer_dtype
-    buf_sum: tuple[Tensor, ...]  # per leaf p.shape in the parameter's dtype
+    buf_sum: tuple[Tensor, ...]  # per leaf p.shape in float64 (see ``write``)
 
 
 def init(leaves: Sequence[Tensor], top_c: int, synced: bool, buffer_dtype: torch.dtype | None) -> CriticalBufferState:
@@ -52,7 +52,7 @@ def init(leaves: Sequence[Tensor], top_c: int, synced: bool, buffer_dtype: torch
         accepted=counter(),
         nonfinite=counter(),
         buf=tuple(torch.zeros((top_c, *p.shape), dtype=buffer_dtype or p.dtype, device=device) for p in leaves),
-        buf_sum=M.zeros_like(leaves),
+        buf_sum=M.zeros_like(leaves, dtype=torch.float64),
     )
 
 
@@ -119,7 +119,7 @@ def aggregate(state: CriticalBufferState, xs: Sequence[Tensor], idx: Sequence[in
     """
     count = state.count.to(torch.float64)
     count = count.expand(len(idx)) if _synced(state) else _tree.rows(count, idx)
-    sums = _tree.take(state.buf_sum, idx)
+    sums = [t.to(x.dtype) for t, x in zip(_tree.take(state.buf_sum, idx), xs)]
     if aggr == "mean":
         out = M.fe("add", xs, sums, alpha=kappa)
         return M.fe("mul_", out, M.per_leaf(1.0 / (count + 1), xs))
@@ -138,9 +138,9 @@ class Decision(NamedTuple):
     offers: Tensor  # [R]
     accepted: Tensor  # [R]
     nonfinite: Tensor  # [R]
-    # leaf index -> (slot [1], admitted, slots filled after the offer 0-d); admitted is 0-d, or
-    # one flag per element for a segmented leaf of which some tensor is left out
-    leaf: dict[int, tuple[Tensor, Tensor, Tensor]]
+    # leaf index -> (slot [1], admitted, slots filled after the offer, slot was filled before);
+    # 0-d but admitted, which is one flag per element for a segmented leaf in a synced group
+    leaf: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]]
 
 
 def decide(
@@ -196,7 +196,7 @@ def decide(
         accepted=_tree.rows(state.accepted, moved) + admitted.to(torch.int64),
         nonfinite=_tree.rows(state.nonfinite, moved) + left_out,
         leaf={
-            i: (slot[r].reshape(1), admitted[r] if ok is None else admitted[r] & ok, filled[r])
+            i: (slot[r].reshape(1), admitted[r] if ok is None else admitted[r] & ok, filled[r], full[r])
             for i, r, ok in zip(idx, rows, leaf_ok)
         },
     )
@@ -225,26 +225,39 @@ def write(
     state: CriticalBufferState, xs: Sequence[Tensor], idx: Sequence[int], decision: Decision, donate: bool = False
 ) -> CriticalBufferState:
     """The slot writes of a decided offer of x to leaves idx (any subset of the decided leaves):
-    ``buf[slot] = x`` where admitted, then ``buf_sum`` = the sum of the filled slots, summed
-    afresh (a running ``+= x - old`` would keep the rounding error of every value ever added,
-    which dominates once the scale of the values falls). ``donate`` writes into the given
-    ``buf`` and ``buf_sum`` tensors instead of copies. A ``buf`` may carry one scratch row after
-    its ``C`` slots (``[C + 1, *shape]``, see ``with_sink``): refused offers are written there."""
+    ``buf[slot] = x`` where admitted, and ``buf_sum`` kept equal to the sum of the filled slots.
+
+    ``buf_sum`` is float64. Slots narrower than that hold values on a grid fine enough that
+    ``buf_sum += x - old`` is exact in float64 while the values' magnitudes span less than about
+    2**27, and off by float64 rounding of the current sum beyond: exact to the slots' own
+    rounding on any run length, for four more bytes read and written per element than a sum in
+    float32. float64 slots (no wider type exists) and leaves with one admission flag per element
+    (a flat stepper's) are summed afresh from the filled slots, which reads every slot. ``donate`` writes into the given ``buf`` and ``buf_sum``
+    tensors instead of copies. A ``buf`` may carry one scratch row after its ``C`` slots
+    (``[C + 1, *shape]``, see ``with_sink``): refused offers are written there."""
     top_c = state.keys.shape[1]
     new_buf, new_sum = [], []
     for x, i in zip(xs, idx):
-        s, adm, filled = decision.leaf[i]
+        s, adm, filled, was_full = decision.leaf[i]
         buf, total = state.buf[i], state.buf_sum[i]
         stored = x.to(buf.dtype)
-        if adm.dim() > 0:  # one flag per element: write along the flattened tensor
-            rows = buf.view(buf.shape[0], -1)
+        # per-element admission (a flat leaf) sums afresh: reading the old slot before a scatter
+        # with a per-element index makes a compiler copy the whole buffer first
+        running = buf.dtype != torch.float64 and adm.dim() == 0
+        if running:  # the slot's value, or 0 for an unfilled slot, which is never read
+            old = M.zero_where(~was_full, buf.index_select(0, s)[0]).to(total.dtype)
+        if adm.dim() > 0:  # one flag per element of a segmented leaf: a row per element
+            flat = buf if buf.dim() == 2 else buf.view(buf.shape[0], -1)
+            values = stored.reshape(-1)
             if buf.shape[0] > top_c:
-                target = torch.where(adm, s, top_c)[None]
-                put = rows.scatter_ if donate else rows.scatter
-                written = put(0, target, stored.reshape(1, -1)).view(buf.shape)
+                # refused elements go to the sink row; indexing the flat stepper's 1-D leaf's
+                # buffer itself (not a view of it) lets a compiler write the chosen rows in place
+                index = (torch.where(adm, s, top_c), torch.arange(flat.shape[1], device=buf.device))
+                written = flat.index_put_(index, values) if donate else flat.index_put(index, values)
             else:
-                kept = torch.where(adm, stored.reshape(-1), rows.index_select(0, s)[0])
-                written = _put(buf, s, kept.view(stored.shape), donate)
+                written = _put(flat, s, torch.where(adm, values, flat.index_select(0, s)[0]), donate)
+            written = written.view(buf.shape)
+            adm = adm.view(stored.shape)
         elif buf.shape[0] > top_c:
             # A sink row after the slots takes a refused offer, so the written value never reads
             # the buffer it goes into (Inductor then writes the slot in place, with no temporary).
@@ -253,8 +266,12 @@ def write(
             # refused: the slot's own value is written back, which changes nothing
             written = _put(buf, s, torch.where(adm, stored, buf.index_select(0, s)[0]), donate)
         new_buf.append(written)
-        summed = slot_sum(written, filled, top_c, total.dtype)
-        new_sum.append(total.copy_(summed) if donate else summed)
+        if running:
+            change = torch.where(adm, stored.to(total.dtype) - old, 0)
+            new_sum.append(total.add_(change) if donate else total + change)
+        else:
+            summed = slot_sum(written, filled, top_c, total.dtype)
+            new_sum.append(total.copy_(summed) if donate else summed)
     return state._replace(buf=_tree.put(state.buf, idx, new_buf), buf_sum=_tree.put(state.buf_sum, idx, new_sum))
 
 
@@ -265,9 +282,12 @@ def _put(buf: Tensor, row: Tensor, value: Tensor, donate: bool) -> Tensor:
 
 def slot_sum(buf: Tensor, filled: Tensor, top_c: int, dtype: torch.dtype) -> Tensor:
     """The sum of the first ``filled`` slots of buf, in dtype; the others are never read."""
-    shape = (top_c,) + (1,) * (buf.dim() - 1)
-    used = (torch.arange(top_c, device=buf.device) < filled).view(shape)
-    return torch.where(used, buf[:top_c].to(dtype), 0).sum(0)
+    # slot by slot, in order: element-wise work that a compiler fuses into one pass over the slots
+    # (a reduction over the leading dim compiles to a strided loop many times slower)
+    total = torch.where(filled > 0, buf[0].to(dtype), 0)
+    for j in range(1, top_c):
+        total = total + torch.where(filled > j, buf[j].to(dtype), 0)
+    return total
 
 
 def commit(state: CriticalBufferState, decision: Decision) -> CriticalBufferState:

@@ -208,7 +208,7 @@ def _convert_group(index, theirs, params, saved, layout, optimizer):
             _, count, buf = slots[j]
             top_c = buf.shape[0]
             entries[j]["critical_buf"] = buf
-            entries[j]["critical_buf_sum"] = cb.slot_sum(buf, torch.tensor(count, device=buf.device), top_c, p.dtype)
+            entries[j]["critical_buf_sum"] = cb.slot_sum(buf, torch.tensor(count, device=buf.device), top_c, torch.float64)
         for j, row in rows.items():
             entries[j].update(row)
     else:

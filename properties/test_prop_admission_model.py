@@ -158,7 +158,7 @@ def test_admission_rule_matches_pure_python_model(synced, data):
                 assert torch.equal(state.buf[i][s], torch.full(leaves[i].shape, want, dtype=dtype)), (
                     f"step {step} leaf {i} slot {s}: {state.buf[i][s]} != model {want}"
                 )
-            assert torch.equal(state.buf_sum[i], torch.full(leaves[i].shape, model.buf_sum(i), dtype=dtype)), (
+            assert torch.equal(state.buf_sum[i], torch.full(leaves[i].shape, model.buf_sum(i), dtype=dtype).double()), (
                 f"step {step} leaf {i}: buf_sum {state.buf_sum[i]} != model {model.buf_sum(i)}"
             )
     ADMISSIONS.note(full_admitted, full_refused)

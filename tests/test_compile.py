@@ -178,7 +178,7 @@ def test_compiled_step_with_a_none_gradient_leaf():
 
 @pytest.mark.parametrize("synced", [True, False])
 def test_compiled_low_precision_buffer_keeps_buf_sum_equal_to_the_stored_slots(synced):
-    """SPEC.md: buf_sum (parameter dtype) always equals the sum of the filled slots (buffer_dtype).
+    """SPEC.md: buf_sum (float64) always equals the sum of the filled slots (buffer_dtype).
     The slots hold x rounded to bfloat16, so buf_sum must add the rounded values, compiled or not.
     Inductor skips a down-and-up cast unless told to emulate it, as compiled.Stepper does."""
     rule = rules.Adam_C(lr=1e-2, topC=3, synced=synced, buffer_dtype=torch.bfloat16)
@@ -195,7 +195,7 @@ def test_compiled_low_precision_buffer_keeps_buf_sum_equal_to_the_stored_slots(s
         params_c, state_c = compiled(params_c, grads, state_c, lr)
     for label, crit in (("eager", state_e.critical), ("compiled", state_c.critical)):
         for i, (buf, total) in enumerate(zip(crit.buf, crit.buf_sum)):
-            assert buf.dtype == torch.bfloat16 and total.dtype == torch.float32
+            assert buf.dtype == torch.bfloat16 and total.dtype == torch.float64
             slots = buf.float().sum(0)
             err = ((total - slots).abs().max() / slots.abs().max()).item()
             assert err < 1e-6, f"{label}: buf_sum[{i}] is off the sum of its bf16 slots by {err:.2e} (relative)"
