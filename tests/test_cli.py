@@ -118,8 +118,9 @@ def test_roofline_counts_the_critical_buffer_as_one_slot():
     params = benchmarking.make_params(1000, n_tensors=2)
     opt = catalog.make_optimizer("Adam_CM", params, lr=1e-3)  # topC=5: buf is 5 x 4000 B
     opt.step()
-    # exp_avg, exp_avg_sq, critical_buf_sum and one slot of critical_buf, each read + written
-    assert benchmarking.bytes_per_step(opt) == 2 * 4000 + 4000 + 4 * 2 * 4000
+    # exp_avg, exp_avg_sq and one slot of critical_buf (float32), and critical_buf_sum (float64),
+    # each read + written
+    assert benchmarking.bytes_per_step(opt) == 2 * 4000 + 4000 + 3 * 2 * 4000 + 2 * 8000
 
 
 def test_surface_starts_are_independent_runs():
