@@ -35,12 +35,12 @@ wheel-check: $(STAMP)
 	$$d/venv/bin/python -m pip install -q dist/*.whl 2>&1 | grep -v WARNING; \
 	cp tests/install_check.py $$d/ && cd $$d && ./venv/bin/python install_check.py; rc=$$?; rm -rf $$d; exit $$rc
 
-# The language-model comparison's quick preset (about 2 minutes on 2 CPU cores); the spirals
+# The language-model comparison's quick preset (about 1 minute on 2 CPU cores); the spirals
 # demo is `memopt-func demo`.
 demo: $(STAMP)
 	$(BIN)/python -m memopt_func lm --quick
 
-# The default preset behind the README's figure (about 15-20 minutes on 2 CPU cores).
+# The default preset behind the README's figure (about 13 minutes on 2 CPU cores).
 lm: $(STAMP)
 	$(BIN)/python -m memopt_func lm
 

@@ -6,7 +6,7 @@
                          (--rosenbrock-toy: the AdEMAMix paper's Rosenbrock toy)
   memopt-func bench      optimizer step time against parameter count, with the byte roofline
 
-Every subcommand runs in minutes on a laptop CPU with its defaults (lm: about 20 minutes on 2 cores,
+Every subcommand runs in minutes on a laptop CPU with its defaults (lm: about 13 minutes on 2 cores,
 lm --quick: about 1 minute); see `memopt-func CMD --help`.
 """
 
