@@ -374,3 +374,20 @@ def test_torch_compile_of_step_with_a_float_lr_and_a_scheduler_runs():
             s.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("synced", [True, False])
+def test_compiled_stepper_keeps_the_buffer_sum_of_a_0d_parameter(synced):
+    """A 0-d parameter's buf_sum is a 0-d float64 CPU tensor, whose in-place write torch.compile
+    drops inside a graph; the stepper writes it after the compiled step."""
+    rule = rules.Adam_C(lr=1e-3, topC=1, decay=0.0, synced=synced)
+    start = [torch.tensor(0.7), torch.ones(3)]
+    stepper = Stepper(rule, [p.clone() for p in start])
+    ref, state = [p.clone() for p in start], rule.init(start)
+    for k in range(3):
+        grads = [torch.tensor(0.3 * (k + 1)), torch.full((3,), 0.1)]
+        stepper.step([g.clone() for g in grads])
+        ref, state = rule.step(ref, grads, state)
+    got = stepper.per_tensor_state().critical.buf_sum[0]
+    assert got.item() == state.critical.buf_sum[0].item() != 0
+    torch.testing.assert_close(stepper.params[0], ref[0], rtol=1e-6, atol=0)

@@ -227,16 +227,28 @@ class Stepper:
                 # captured CUDA graph, which holds the constant, is captured afresh
                 self._graph, self._warmup_left = None, 3
 
-    def _apply(self, params: list[Tensor], grads: list[Tensor | None], state: NamedTuple, hyper: dict) -> None:
+    def _apply(self, params: list[Tensor], grads: list[Tensor | None], state: NamedTuple, hyper: dict) -> list[Tensor]:
+        """One step in place; returns the new values of the 0-d float64 CPU state tensors, which
+        the caller writes (torch.compile drops an in-place write to such a graph input)."""
         new_params, new_state = self.rule.step(
             params, grads, state, donate=True, segments=self._segments, **hyper
         )
         moved = [i for i, g in enumerate(grads) if g is not None and new_params[i] is not params[i]]
         if moved:
             torch._foreach_copy_([params[i] for i in moved], [new_params[i] for i in moved])
+        late = []
         for dst, src in zip(pytree.tree_leaves(state), pytree.tree_leaves(new_state)):
-            if dst is not src:
+            if _scalar64(dst):
+                late.append(src)
+            elif dst is not src:
                 dst.copy_(src)
+        return late
+
+    def _run(self, grads: list[Tensor | None]) -> None:
+        """``_fn`` once, then the writes it hands back (see ``_apply``)."""
+        late = self._fn(self._step_params, grads, self._step_state, self._hyper)
+        for dst, value in zip([t for t in pytree.tree_leaves(self._step_state) if _scalar64(t)], late):
+            dst.copy_(value)
 
     def _given_grads(self, grads: Any) -> list[Tensor | None]:
         """The gradients of the stepped tensors: their ``.grad``, or the given pytree's leaves."""
@@ -312,7 +324,7 @@ class Stepper:
         if step_grads is None or all(g is None for g in step_grads):
             return
         if not self.cuda_graph:
-            self._fn(self._step_params, step_grads, self._step_state, self._hyper)
+            self._run(step_grads)
             return
         self._step_cuda_graph(step_grads)
 
@@ -380,6 +392,10 @@ def _set(target: Any, value: Any, device: torch.device, keep_zero: bool = False)
         target.copy_(value) if isinstance(value, Tensor) else target.fill_(value)
         return target
     return _as_tensor(value, device, keep_zero)
+
+
+def _scalar64(t: Tensor) -> bool:
+    return t.dim() == 0 and t.dtype == torch.float64 and t.device.type == "cpu"
 
 
 def _kinds(value: Any) -> Any:
