@@ -322,13 +322,19 @@ def test_a_state_dict_of_another_rule_is_refused_naming_both():
     twin.load_state_dict(a.state_dict())  # the compiled twin keeps the same state
 
 
-def test_a_state_that_does_not_fit_the_rule_is_refused():
+def _topc5_state_claiming_topc3():
+    """A stepped topC=5 Adam_CM and its state_dict with the group's topC rewritten to 3."""
     m = _model()
     a = optim.Adam_CM(m.parameters(), topC=5)
     _loss(m, 0).backward()
     a.step()
     sd = a.state_dict()
     sd["param_groups"][0]["topC"] = 3
+    return m, a, sd
+
+
+def test_a_state_that_does_not_fit_the_rule_is_refused():
+    m, _, sd = _topc5_state_claiming_topc3()
     b = optim.Adam_CM(m.parameters(), topC=3)
     with pytest.raises(ValueError, match="topC=3"):
         b.load_state_dict(sd)
@@ -339,12 +345,7 @@ def test_a_state_that_does_not_fit_the_rule_is_refused():
 
 
 def test_a_refused_load_leaves_the_optimizer_as_it_was():
-    m = _model()
-    a = optim.Adam_CM(m.parameters(), topC=5)
-    _loss(m, 0).backward()
-    a.step()
-    sd = a.state_dict()
-    sd["param_groups"][0]["topC"] = 3
+    m, a, sd = _topc5_state_claiming_topc3()
     before = {k: v.clone() for k, v in a.state[next(m.parameters())].items()}
     with pytest.raises(ValueError):
         a.load_state_dict(sd)
