@@ -70,6 +70,7 @@ class Rule:
                 value = float(value)  # fixed for the rule's life: read once here, never in a step
             self.hyper[h.name] = value
         self._check_combination(self.hyper)
+        self._layouts: dict[tuple, NamedTuple] = {}  # fresh-state templates by parameter shapes (check_state)
 
     def _check_combination(self, h: dict[str, Any]) -> None:
         """Cross-argument checks; raise ValueError."""
@@ -194,10 +195,10 @@ class Rule:
         if torch.compiler.is_compiling():
             return  # checked when the step was traced from eager inputs; shapes are static here
         key = tuple((tuple(p.shape), p.dtype) for p in params)
-        want = self._layouts.get(key) if hasattr(self, "_layouts") else None
+        want = self._layouts.get(key)
         if want is None:
             want = self._init(_tree.meta_like(params))
-            self.__dict__.setdefault("_layouts", {})[key] = want
+            self._layouts[key] = want
         problem = _tree.layout_mismatch(state, want)
         if problem:
             fixed = ", ".join(f"{h.name}={self.hyper[h.name]!r}" for h in self.HYPERS if not h.dynamic)
