@@ -392,3 +392,19 @@ def test_compiled_stepper_keeps_the_buffer_sum_of_a_0d_parameter(synced):
     got = stepper.per_tensor_state().critical.buf_sum[0]
     assert got.item() == state.critical.buf_sum[0].item() != 0
     torch.testing.assert_close(stepper.params[0], ref[0], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_stepper_steps_a_rule_whose_state_holds_none(compile):
+    """SGD_C without momentum and with kappa=0 keeps None leaves in its state: the compiled
+    step writes back only the tensors, as the eager rule computes them."""
+    rule = rules.SGD_C(lr=0.1, momentum=0.0, kappa=0.0, topC=1, decay=0.0)
+    start = [torch.tensor(0.7, dtype=torch.float64), torch.tensor(-0.2, dtype=torch.float64)]
+    stepper = Stepper(rule, [p.clone() for p in start], compile=compile)
+    ref, state = [p.clone() for p in start], rule.init(start)
+    for k in range(3):
+        grads = [torch.tensor(0.3 * (k + 1), dtype=torch.float64), torch.tensor(0.1, dtype=torch.float64)]
+        stepper.step([g.clone() for g in grads])
+        ref, state = rule.step(ref, grads, state)
+    for a, b in zip(stepper.params, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)

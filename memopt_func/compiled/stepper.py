@@ -394,8 +394,8 @@ def _set(target: Any, value: Any, device: torch.device, keep_zero: bool = False)
     return _as_tensor(value, device, keep_zero)
 
 
-def _scalar64(t: Tensor) -> bool:
-    return t.dim() == 0 and t.dtype == torch.float64 and t.device.type == "cpu"
+def _scalar64(t: Tensor | None) -> bool:
+    return isinstance(t, Tensor) and t.dim() == 0 and t.dtype == torch.float64 and t.device.type == "cpu"
 
 
 def _kinds(value: Any) -> Any:
