@@ -158,6 +158,17 @@ def _add_lm(sub: argparse._SubParsersAction) -> None:
         "--threads", type=common.positive_int, default=1,
         help="torch intra-op threads (default: 1, steady when other work shares the cores; more help on an idle machine)",
     )
+    parallel = p.add_mutually_exclusive_group()
+    parallel.add_argument(
+        "--ddp", action="store_const", const="ddp", dest="parallel",
+        help="data-parallel under torchrun (torchrun --nproc-per-node N -m memopt_func lm --ddp): DistributedDataParallel, "
+        "each rank trains on its 1/N of every batch (gloo on CPU, nccl on cuda:LOCAL_RANK); without torchrun, a world of one process",
+    )
+    parallel.add_argument(
+        "--fsdp", action="store_const", const="fsdp", dest="parallel",
+        help="as --ddp, with the model sharded by FSDP2 (torch.distributed.fsdp.fully_shard on each block and the root) "
+        "instead of replicated; not with --compile",
+    )
     p.set_defaults(func=_run_lm)
 
 
@@ -178,7 +189,8 @@ def _run_lm(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in sizes if getattr(args, k) is not None}
     cfg = LMConfig.from_preset(
         args.preset, optimizers=args.optimizers, seed=args.seed, data=args.data, lr=common.merge_lr_overrides(args.lr),
-        lr_sweep=args.lr_sweep, sweep_lrs=args.sweep_lrs, compile=args.compile, out=args.out, progress=not args.no_progress,
+        lr_sweep=args.lr_sweep, sweep_lrs=args.sweep_lrs, compile=args.compile, parallel=args.parallel, out=args.out,
+        progress=not args.no_progress,
         **overrides,
     )
     return run(cfg)

@@ -12,6 +12,13 @@ Reported per optimizer: final validation loss (mean and standard deviation over 
 per second (median iteration), optimizer-state bytes per parameter, and tokens-to-target: how
 many training tokens its mean validation curve needs to reach the baseline's (AdamW's) final
 validation loss, interpolated linearly between evaluations.
+
+Distributed (``--ddp``, ``--fsdp``, under ``torchrun``): the same training loop on every rank,
+the model wrapped in ``DistributedDataParallel`` or sharded by FSDP2's ``fully_shard`` (each block,
+then the root). Every rank draws the same global batch and trains on its own equal slice of the
+sequences; both wrappers average the gradients over the ranks, so a step sees the gradient of
+the whole batch, as in one process. Validation windows are split over the ranks and the loss
+sums all-reduced, so every rank holds the same validation loss. Only rank 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -19,14 +26,18 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
 import statistics
 import sys
 import sysconfig
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +51,8 @@ VOCAB = 256
 BASELINE = "AdamW"
 OPTIMIZERS = ("AdamW", "AdEMAMix", "Adam", "Adam_CM", "Adam_C")
 SPLIT_SEED = 0  # the train/validation split of files never depends on --seed
+# Every collective waits at most this long, so a rank that died or hung fails the others.
+DIST_TIMEOUT_S = 120
 
 # Per optimizer, everything but the learning rate (which comes from the preset's sweep). The
 # Adam family shares betas (0.9, 0.999) and eps; the decoupled-decay optimizers (AdamW,
@@ -110,6 +123,7 @@ class LMConfig:
     lr_sweep: bool = False
     sweep_lrs: list[float] = field(default_factory=lambda: list(SWEEP_LRS))
     compile: bool = False
+    parallel: str | None = None  # "ddp" or "fsdp": one rank of a process group (see ``distributed``)
     out: Path = Path("memopt_out/lm")
     progress: bool = True
 
@@ -136,6 +150,11 @@ class LMConfig:
             raise common.CLIError(f"--d-model {self.d_model} must be a multiple of --heads {self.heads}")
         if self.steps < 2:
             raise common.CLIError(f"--steps must be at least 2 (warm-up and cosine), got {self.steps}")
+        if self.parallel == "fsdp" and self.compile:
+            raise common.CLIError(
+                "--compile does not combine with --fsdp: memopt_func.compiled does not step FSDP2's sharded (DTensor) "
+                "parameters; use --fsdp without --compile, or --ddp --compile"
+            )
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -323,7 +342,14 @@ class GPT(nn.Module):
         return self.ln(x) @ self.tok.weight.T
 
     def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(self(idx).reshape(-1, VOCAB), targets.reshape(-1))
+        return lm_loss(self, idx, targets)
+
+
+def lm_loss(net: nn.Module, idx: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-byte cross-entropy of ``net`` (a GPT, or a wrapper whose forward is the GPT's):
+    the mean over all tokens, or per token ``[batch, context]`` with ``reduction="none"``."""
+    loss = F.cross_entropy(net(idx).reshape(-1, VOCAB), targets.reshape(-1), reduction=reduction)
+    return loss if reduction == "mean" else loss.view(targets.shape)
 
 
 def make_model(cfg: LMConfig, seed: int) -> GPT:
@@ -366,6 +392,101 @@ def make_optimizer(name: str, model: nn.Module, cfg: LMConfig, lr: float) -> tor
     return compile_optimizer(opt) if cfg.compile else opt
 
 
+# --- distributed ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's part of a run: the whole of it (``mode`` None), or one rank of a process
+    group that wraps the model for ``mode`` ("ddp" or "fsdp")."""
+
+    mode: str | None = None
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+    mesh: Any = None  # FSDP2's one-dimensional device mesh over every rank
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, batch: int) -> slice:
+        """This rank's sequences of a global batch (``batch`` is a multiple of ``world``)."""
+        per = batch // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """What the training loop calls forward on: the model itself (one process; FSDP2, which
+        shards the model in place), or a ``DistributedDataParallel`` around it."""
+        if self.mode == "ddp":
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.mode == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.blocks:
+                fully_shard(block, mesh=self.mesh)
+            fully_shard(model, mesh=self.mesh)
+        return model
+
+    def sum(self, value: Tensor) -> Tensor:
+        """``value`` summed over the ranks (every rank gets the same result)."""
+        if self.mode is not None:
+            import torch.distributed as dist
+
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+
+@contextmanager
+def distributed(mode: str | None) -> Iterator[Dist]:
+    """The process group of a ``--ddp`` / ``--fsdp`` run, destroyed on the way out (on errors too).
+
+    Under ``torchrun`` the rank, world size and local rank come from its environment (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, rendezvous at ``MASTER_ADDR:MASTER_PORT``). Without it
+    (``WORLD_SIZE`` unset) the run is a world of one process, grouped through a file store in a
+    temporary folder: the wrapped model and every collective, over one rank. The backend is nccl
+    on ``cuda:LOCAL_RANK`` when CUDA is available, else gloo on the CPU."""
+    if mode is None:
+        yield Dist()
+        return
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise common.CLIError(f"--{mode} needs torch.distributed, which this torch build lacks")
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing:
+            raise common.CLIError(f"--{mode}: WORLD_SIZE is set but {', '.join(missing)} not; start the command with torchrun")
+        rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+    else:
+        rank, world, local_rank = 0, 1, 0
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    timeout = timedelta(seconds=DIST_TIMEOUT_S)
+    with tempfile.TemporaryDirectory(prefix="memopt-lm-") as folder:
+        if "WORLD_SIZE" in env:
+            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+        else:
+            store = dist.FileStore(os.path.join(folder, "store"), 1)
+            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+        try:
+            mesh = None
+            if mode == "fsdp":
+                from torch.distributed.device_mesh import init_device_mesh
+
+                mesh = init_device_mesh(device.type, (world,))
+            yield Dist(mode, rank, world, device, backend, mesh)
+        finally:
+            dist.destroy_process_group()
+
+
 # --- training --------------------------------------------------------------------------------
 
 
@@ -386,19 +507,38 @@ class Run:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, windows: tuple[Tensor, Tensor], chunk: int = 64) -> float:
+def evaluate(model: GPT, windows: tuple[Tensor, Tensor], dd: Dist = Dist(), chunk: int = 64) -> float:
+    """Mean validation loss over all windows. Each rank takes an equal run of them (the last
+    padded with weight-0 repeats, so every rank makes the same forward calls, which FSDP2's
+    gathers need); the per-window losses are summed in float64 and all-reduced."""
     x, y = windows
-    total = 0.0
-    for i in range(0, len(x), chunk):
-        total += float(model.loss(x[i : i + chunk], y[i : i + chunk])) * len(x[i : i + chunk])
-    return total / len(x)
+    n = len(x)
+    per = -(-n // dd.world)
+    index = torch.arange(dd.rank * per, (dd.rank + 1) * per, device=x.device)
+    weight = (index < n).double()
+    index = index.clamp(max=n - 1)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for i in range(0, per, chunk):
+        j = index[i : i + chunk]
+        per_window = lm_loss(model, x[j], y[j], reduction="none").mean(dim=1)
+        total += (per_window.double() * weight[i : i + chunk]).sum()
+    return float(dd.sum(total)) / n
 
 
 def train_one(
-    name: str, seed: int, lr: float, cfg: LMConfig, corpus: Corpus, windows: tuple[Tensor, Tensor], progress: Callable = common.quiet_progress
+    name: str,
+    seed: int,
+    lr: float,
+    cfg: LMConfig,
+    corpus: Corpus,
+    windows: tuple[Tensor, Tensor],
+    progress: Callable = common.quiet_progress,
+    dd: Dist = Dist(),
 ) -> Run:
-    """Train a fresh model (initial weights and batch order fixed by ``seed``) with optimizer ``name``."""
-    model = make_model(cfg, seed)
+    """Train a fresh model (initial weights and batch order fixed by ``seed``) with optimizer
+    ``name``; under ``dd`` a rank's share of it (the model wrapped, its rows of each batch)."""
+    model = make_model(cfg, seed).to(dd.device)
+    net = dd.wrap(model)
     opt = make_optimizer(name, model, cfg, lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     # After the scheduler, which wraps opt.step to check the order of calls.
@@ -409,19 +549,22 @@ def train_one(
     iter_times: list[float] = []
     start = time.perf_counter()
     run.steps.append(0)
-    run.val_loss.append(evaluate(model, windows))
+    run.val_loss.append(evaluate(model, windows, dd))
     run.train_loss.append(math.nan)
+    rows = dd.rows(cfg.batch_size)
     since = 0
     bar = progress(range(1, cfg.steps + 1), total=cfg.steps, desc=f"{name} seed {seed}"[:20].ljust(20))
     for step in bar:
         x, y = sample_batch(corpus.train, cfg.batch_size, cfg.context, gen)
+        x, y = x[rows].to(dd.device), y[rows].to(dd.device)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = model.loss(x, y)
+        loss = lm_loss(net, x, y)
         loss.backward()
         step_fn()
         sched.step()
-        batch_loss = float(loss.detach())
+        # The whole batch's mean loss: every rank's slice has the same number of tokens.
+        batch_loss = float(dd.sum(loss.detach())) / dd.world
         iter_times.append(time.perf_counter() - t0)
         run.batch_loss.append(batch_loss)
         since += 1
@@ -430,7 +573,7 @@ def train_one(
             break
         if step % cfg.eval_every == 0 or step == cfg.steps:
             run.steps.append(step)
-            run.val_loss.append(evaluate(model, windows))
+            run.val_loss.append(evaluate(model, windows, dd))
             run.train_loss.append(statistics.fmean(run.batch_loss[-since:]))
             since = 0
             if hasattr(bar, "set_postfix"):
@@ -593,7 +736,7 @@ def _config_dict(cfg: LMConfig) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
 
 
-def write_results(runs: list[Run], rows: list[list[Any]], cfg: LMConfig, corpus: Corpus, target: float) -> list[Path]:
+def write_results(runs: list[Run], rows: list[list[Any]], cfg: LMConfig, corpus: Corpus, target: float, dd: Dist = Dist()) -> list[Path]:
     curves_csv = cfg.out / "curves.csv"
     with curves_csv.open("w", newline="") as f:
         w = csv.writer(f)
@@ -615,6 +758,7 @@ def write_results(runs: list[Run], rows: list[list[Any]], cfg: LMConfig, corpus:
                 "python": sys.version.split()[0],
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
+                "world_size": dd.world,
                 "target_val_loss": target,
                 "runs": [asdict(r) for r in runs],
             },
@@ -624,9 +768,9 @@ def write_results(runs: list[Run], rows: list[list[Any]], cfg: LMConfig, corpus:
     return [curves_csv, results_csv, json_path]
 
 
-def describe(cfg: LMConfig, corpus: Corpus) -> list[str]:
+def describe(cfg: LMConfig, corpus: Corpus, dd: Dist = Dist()) -> list[str]:
     n_params = sum(p.numel() for p in make_model(cfg, 0).parameters())
-    return [
+    lines = [
         f"lm: {corpus.description}",
         f"model: {n_params / 1e6:.2f}M parameters ({cfg.layers} layers, d_model {cfg.d_model}, {cfg.heads} heads, context "
         f"{cfg.context}, byte vocabulary, tied embeddings); batch {cfg.batch_size} x {cfg.context} = {cfg.tokens_per_step} tokens, "
@@ -634,41 +778,76 @@ def describe(cfg: LMConfig, corpus: Corpus) -> list[str]:
         f"cosine to {cfg.min_lr_ratio:g}x; validation on {len(eval_windows(corpus.val, cfg.context, cfg.eval_tokens)[0]) * cfg.context} "
         f"tokens every {cfg.eval_every} steps; {torch.get_num_threads()} thread(s), torch {torch.__version__}",
     ]
+    if dd.mode is not None:
+        wrapper = "DistributedDataParallel" if dd.mode == "ddp" else "FSDP2 fully_shard (each block and the root)"
+        lines.append(
+            f"--{dd.mode}: {dd.world} process(es), {dd.backend} on {dd.device.type}, {wrapper}; each rank trains on "
+            f"{cfg.batch_size // dd.world} of the batch's {cfg.batch_size} sequences"
+        )
+    return lines
 
 
-def _prepare(cfg: LMConfig, log: Callable[[str], None]) -> tuple[Corpus, tuple[Tensor, Tensor]]:
+def _prepare(cfg: LMConfig, log: Callable[[str], None], dd: Dist = Dist()) -> tuple[Corpus, tuple[Tensor, Tensor]]:
     cfg.check()
+    if cfg.batch_size % dd.world:
+        raise common.CLIError(f"--batch-size {cfg.batch_size} must be a multiple of the {dd.world} processes of --{dd.mode}")
     common.prepare_out(cfg.out)
     common.pyplot()  # fail before training if plots are impossible
     corpus = load_corpus(cfg.data, cfg.val_fraction)
     check_corpus(corpus, cfg.context)
-    for line in describe(cfg, corpus):
+    for line in describe(cfg, corpus, dd):
         log(line)
     if cfg.compile:
         log("--compile: the memory optimizers step through memopt_func.compiled.compile_optimizer, torch.optim's through torch.compile(opt.step)")
-    return corpus, eval_windows(corpus.val, cfg.context, cfg.eval_tokens)
+    x, y = eval_windows(corpus.val, cfg.context, cfg.eval_tokens)
+    return corpus, (x.to(dd.device), y.to(dd.device))
 
 
-def _train_guarded(name: str, seed: int, lr: float, cfg: LMConfig, corpus: Corpus, windows, progress: Callable, log: Callable) -> Run:
+def _train_guarded(
+    name: str, seed: int, lr: float, cfg: LMConfig, corpus: Corpus, windows, progress: Callable, log: Callable, dd: Dist = Dist()
+) -> Run:
     try:
-        run = train_one(name, seed, lr, cfg, corpus, windows, progress)
+        run = train_one(name, seed, lr, cfg, corpus, windows, progress, dd)
     except Exception as e:  # one broken optimizer must not hide the others' results
+        if dd.world > 1:
+            # The other ranks may be waiting in a collective this rank will never join: stop
+            # the whole run (torchrun ends the other ranks) rather than go on out of step.
+            raise
         run = Run(name, seed, lr, "compiled" if cfg.compile else "eager", error=f"{type(e).__name__}: {e}")
     result = run.error or f"validation loss {run.val_loss[-1]:.4f}, {cfg.tokens_per_step / run.iter_s:,.0f} tokens/s, {run.seconds:.0f} s"
     log(f"  {name} seed {seed} lr {lr:g}: {result}")
     return run
 
 
+def _quiet(_: str) -> None:
+    pass
+
+
 def run(cfg: LMConfig, log: Callable[[str], None] = print) -> int:
-    """Train every optimizer over every seed, print the table, write the plot and curves; returns the exit status."""
-    if cfg.lr_sweep:
-        return run_sweep(cfg, log)
-    corpus, windows = _prepare(cfg, log)
-    progress = common.progress_factory(not cfg.progress)
+    """Train every optimizer over every seed, print the table, write the plot and curves; returns
+    the exit status. Under ``cfg.parallel``, this process's rank of the run: only rank 0 prints
+    and writes."""
+    cfg.check()
+    with distributed(cfg.parallel) as dd:
+        if not dd.main:
+            log = _quiet
+        if cfg.lr_sweep:
+            return run_sweep(cfg, log, dd)
+        return _run_table(cfg, log, dd)
+
+
+def _run_table(cfg: LMConfig, log: Callable[[str], None], dd: Dist) -> int:
+    corpus, windows = _prepare(cfg, log, dd)
+    progress = common.progress_factory(not (cfg.progress and dd.main))
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     runs = [
-        _train_guarded(name, seed, cfg.peak_lr(name), cfg, corpus, windows, progress, log) for name in cfg.optimizers for seed in seeds
+        _train_guarded(name, seed, cfg.peak_lr(name), cfg, corpus, windows, progress, log, dd)
+        for name in cfg.optimizers
+        for seed in seeds
     ]
+    status = 1 if any(r.error for r in runs) else 0
+    if not dd.main:
+        return status
     summaries = [summarize(runs, name) for name in cfg.optimizers]
     rows, base_name, target = result_rows(summaries, cfg)
     log("")
@@ -683,20 +862,25 @@ def run(cfg: LMConfig, log: Callable[[str], None] = print) -> int:
         if r.error:
             log(f"! {r.optimizer} seed {r.seed}: {r.error}")
     trained = [s for s in summaries if s.steps]
-    paths = ([plot(trained, cfg, target, base_name, corpus)] if trained else []) + write_results(runs, rows, cfg, corpus, target)
+    paths = ([plot(trained, cfg, target, base_name, corpus)] if trained else []) + write_results(runs, rows, cfg, corpus, target, dd)
     log("wrote " + ", ".join(str(p) for p in paths))
-    return 1 if any(r.error for r in runs) else 0
+    return status
 
 
 SWEEP_HEADERS = ["optimizer", "lr", "val loss", "best"]
 
 
-def run_sweep(cfg: LMConfig, log: Callable[[str], None] = print) -> int:
+def run_sweep(cfg: LMConfig, log: Callable[[str], None] = print, dd: Dist = Dist()) -> int:
     """One run (the first seed) per optimizer and learning rate; the best lr per optimizer."""
-    corpus, windows = _prepare(cfg, log)
+    corpus, windows = _prepare(cfg, log, dd)
     log(f"--lr-sweep: learning rates {', '.join(f'{lr:g}' for lr in cfg.sweep_lrs)}, seed {cfg.seed}")
-    progress = common.progress_factory(not cfg.progress)
-    runs = [_train_guarded(name, cfg.seed, lr, cfg, corpus, windows, progress, log) for name in cfg.optimizers for lr in cfg.sweep_lrs]
+    progress = common.progress_factory(not (cfg.progress and dd.main))
+    runs = [
+        _train_guarded(name, cfg.seed, lr, cfg, corpus, windows, progress, log, dd) for name in cfg.optimizers for lr in cfg.sweep_lrs
+    ]
+    status = 1 if any(r.error for r in runs) else 0
+    if not dd.main:
+        return status
     final = {(r.optimizer, r.lr): (r.val_loss[-1] if r.val_loss and not r.error else math.nan) for r in runs}
     best = {}
     for name in cfg.optimizers:
@@ -730,5 +914,5 @@ def run_sweep(cfg: LMConfig, log: Callable[[str], None] = print) -> int:
     fig.savefig(path_png, dpi=110)
     plt.close(fig)
     log(f"wrote {path_png}, {path_csv}, {path_json}")
-    return 1 if any(r.error for r in runs) else 0
+    return status
 
