@@ -10,6 +10,7 @@ from torch import Tensor
 from . import _hyper as H
 from . import critical_buffer as cb
 from ._rule import Rule, in_parts
+from .storage import check_buffer_dtype
 
 
 class CriticalState(NamedTuple):
@@ -28,10 +29,9 @@ def critical_hypers(top_c: int, aggr: str) -> tuple[H.Hyper, ...]:
         H.Hyper("decay", 0.7, H.unit_closed, dynamic=True),
         H.Hyper("critical_test", 0.0, H.unit_closed),
         H.Hyper("synced", True, H.flag),
-        H.Hyper("buffer_dtype", None, H.float_dtype_or_none),
+        H.Hyper("buffer_dtype", None, check_buffer_dtype),
         H.Hyper("aggr", aggr, H.choice(*cb.AGGREGATIONS)),
-        H.Hyper("seed", 0, H.int_seed),
-    )
+    )  # the seed of critical_test's draws is the base rule's ``seed`` (``_hyper.storage``)
 
 
 class CriticalRule(Rule):
@@ -148,7 +148,7 @@ def with_critical_buffer(rule: Rule, **critical: Any) -> CriticalRule:
     SGD this is exactly Adam_C, RMSprop_C and SGD_C; at ``kappa == 0`` it is the rule itself."""
     cls = critical_class(type(rule))
     names = {h.name for h in cls.HYPERS}
-    crit_names = {h.name for h in critical_hypers(0, "sum")}
+    crit_names = {h.name for h in critical_hypers(0, "sum")} | {"seed"}
     unknown = sorted(set(critical) - crit_names)
     if unknown:
         raise TypeError(f"with_critical_buffer got unknown argument(s) {unknown}; it takes {sorted(crit_names)}")
@@ -157,4 +157,4 @@ def with_critical_buffer(rule: Rule, **critical: Any) -> CriticalRule:
         default = next(h.default for h in type(rule).HYPERS if h.name == k)
         if v != default:
             raise ValueError(f"{cls.__name__} has no {k!r}: cannot carry {type(rule).__name__}'s {k}={v!r}")
-    return cls(**{k: v for k, v in rule.hyper.items() if k in names}, **critical)
+    return cls(**{**{k: v for k, v in rule.hyper.items() if k in names}, **critical})

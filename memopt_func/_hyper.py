@@ -143,3 +143,16 @@ def int_seed(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         _fail(name, value, "an int")
     return value
+
+
+def storage() -> tuple[Hyper, ...]:
+    """Storage precision (``storage``; SPEC.md, "Storage precision") and the seed of every
+    counter-based draw a rule makes (stochastic rounding; a critical buffer's ``critical_test``)."""
+    from . import storage as S
+
+    return (
+        Hyper("state_dtype", None, S.check_state_dtype),
+        Hyper("rounding", "stochastic", choice(*S.ROUNDINGS)),
+        Hyper("param_rounding", "nearest", choice(*S.ROUNDINGS)),
+        Hyper("seed", 0, int_seed),
+    )

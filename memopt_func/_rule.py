@@ -12,6 +12,7 @@ from torch import Tensor
 
 from . import _math as M
 from . import _tree, sharding
+from . import storage as _storage
 from ._hyper import Hyper
 
 
@@ -54,6 +55,11 @@ class Rule:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        # storage settings and the seed come last, after a combined rule's own hyperparameters
+        last = ("state_dtype", "rounding", "param_rounding", "seed")
+        cls.HYPERS = tuple(h for h in cls.HYPERS if h.name not in last) + tuple(
+            h for name in last for h in cls.HYPERS if h.name == name
+        )
         cls.__signature__ = inspect.Signature(
             [inspect.Parameter(h.name, inspect.Parameter.KEYWORD_ONLY, default=h.default) for h in cls.HYPERS]
         )
@@ -70,6 +76,7 @@ class Rule:
                 value = float(value)  # fixed for the rule's life: read once here, never in a step
             self.hyper[h.name] = value
         self._check_combination(self.hyper)
+        self._storage = _storage.storage_of(self)
         self._layouts: dict[tuple, NamedTuple] = {}  # fresh-state templates by parameter shapes (check_state)
 
     def _check_combination(self, h: dict[str, Any]) -> None:
@@ -90,8 +97,21 @@ class Rule:
         leaves, _ = _tree.flatten_params(params)
         leaves = [p.detach() for p in leaves]
         if not sharding.any_sharded(leaves):
-            return self._init(leaves)
-        return sharding.globalize(self._init([sharding.local(p) for p in leaves]), leaves)
+            return self._fresh(leaves)
+        self._refuse_sharded_codes()
+        local = [sharding.local(p) for p in leaves]
+        return sharding.globalize(self._fresh(local), leaves)
+
+    def _fresh(self, leaves: list[Tensor]) -> NamedTuple:
+        """A fresh state over leaves (local tensors), laid out in its storage (``storage``)."""
+        return self._storage.fresh(self._init(leaves), leaves)
+
+    def _refuse_sharded_codes(self) -> None:
+        if self._storage.quantizes:
+            raise NotImplementedError(
+                f"{type(self).__name__}: 8-bit state (state_dtype or buffer_dtype torch.int8) is not supported on "
+                "DTensor (FSDP2) parameters; use state_dtype=torch.bfloat16 there, or int8 state with DDP"
+            )
 
     def step(
         self,
@@ -156,6 +176,11 @@ class Rule:
             reducer = sharding.NormReducer(present) or None
             present, grads = [sharding.local(t) for t in present], [sharding.local(g) for g in grads]
             local_state = sharding.localize(state, leaves)
+            self._refuse_sharded_codes()
+        stored_present, stored_state = present, local_state
+        store = self._storage if self._storage.active else None
+        if store is not None:  # the update sees its inputs at compute precision
+            present, grads, local_state = store.decode(present, grads, local_state, idx)
         per_tensor = self._per_tensor(h, present, grads)
         ctx = StepContext(
             donate=donate and not per_tensor,
@@ -167,6 +192,10 @@ class Rule:
             if h.get("maximize"):
                 grads = M.fe("neg", grads)
             new_present, new_state = self._update_all(present, grads, local_state, idx, h, ctx)
+        if store is not None:
+            new_present, new_state = store.encode(
+                new_present, new_state, stored_present, stored_state, idx, ctx.donate
+            )
         if sharded:
             new_present = [
                 leaves[i] if n is sharding.local(leaves[i]) else sharding.like(n, leaves[i]) for i, n in zip(idx, new_present)
@@ -197,7 +226,7 @@ class Rule:
         key = tuple((tuple(p.shape), p.dtype) for p in params)
         want = self._layouts.get(key)
         if want is None:
-            want = self._init(_tree.meta_like(params))
+            want = self._fresh(_tree.meta_like(params))
             self._layouts[key] = want
         problem = _tree.layout_mismatch(state, want)
         if problem:

@@ -79,6 +79,15 @@ def check_state(state: Any, params: Sequence[Tensor], rule_name: str) -> None:
         if len(value) != n:
             raise ValueError(f"{rule_name} state field {field!r} has {len(value)} tensors but params have {n}")
         for i, (s, p) in enumerate(zip(value, params)):
+            if isinstance(s, tuple):  # 8-bit codes (``storage.Quantized``)
+                from .storage import fits
+
+                if not fits(s, p, lead=1 if field == "buf" else 0):
+                    raise ValueError(
+                        f"{rule_name} state field {field!r}[{i}] holds 8-bit codes of shape {tuple(s[0].shape)}, "
+                        f"which do not fit a parameter of shape {tuple(p.shape)}"
+                    )
+                continue
             if tuple(s.shape[s.dim() - p.dim():]) != tuple(p.shape) or s.dim() < p.dim():
                 raise ValueError(
                     f"{rule_name} state field {field!r}[{i}] has shape {tuple(s.shape)}, "

@@ -33,6 +33,7 @@ ADAM_HYPERS = (
     H.Hyper("amsgrad", False, H.flag),
     H.maximize(),
     H.foreach(),
+    *H.storage(),
 )
 
 

@@ -45,6 +45,7 @@ class AdEMAMix(Rule):
         H.Hyper("weight_decay", 0.0, H.nonnegative, dynamic=True),
         H.maximize(),
         H.foreach(),
+        *H.storage(),
     )
 
     @property

@@ -321,6 +321,9 @@ def with_sink(state: CriticalBufferState) -> CriticalBufferState:
     that ``write`` may overwrite and nothing reads. ``without_sink`` gives the ``[C]`` views back."""
     bufs = []
     for b in state.buf:
+        if not isinstance(b, Tensor):  # 8-bit codes (``storage.Quantized``) are decoded for each step
+            bufs.append(b)
+            continue
         padded = b.new_zeros((b.shape[0] + 1, *b.shape[1:]))
         padded[: b.shape[0]].copy_(b)
         bufs.append(padded)
@@ -330,7 +333,7 @@ def with_sink(state: CriticalBufferState) -> CriticalBufferState:
 def without_sink(state: CriticalBufferState) -> CriticalBufferState:
     """The ``[C, *shape]`` slot views of buffers that carry a sink row (the state unchanged otherwise)."""
     top_c = state.keys.shape[1]
-    return state._replace(buf=tuple(b[:top_c] for b in state.buf))
+    return state._replace(buf=tuple(b[:top_c] if isinstance(b, Tensor) else b for b in state.buf))
 
 
 def decay(state: CriticalBufferState, idx: Sequence[int], factor: float | Tensor) -> CriticalBufferState:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import _tree
 from ._rule import Rule
+from .storage import Quantized
 from .adam_c import Adam_C as _AdamCRule
 from .adam_cm import Adam_CM as _AdamCMRule
 from .ademamix import AdEMAMix as _AdEMAMixRule
@@ -28,6 +29,8 @@ from .rmsprop_c import RMSprop_C as _RMSpropCRule
 from .sgd_c import SGD_C as _SGDCRule
 
 _ROW_FIELDS = ("keys", "count", "offers", "accepted", "nonfinite")
+# The state_dict key of an 8-bit entry's block scales (next to its codes under the entry's name).
+_ABSMAX = "_absmax"
 
 
 def _walk(state: Any, prefix: str = ""):
@@ -48,7 +51,10 @@ def explode(state: NamedTuple, n: int, synced: bool) -> list[dict[str, Tensor]]:
     for key, field, value in _walk(state):
         if isinstance(value, tuple):
             for d, v in zip(out, value):
-                d[key] = v
+                if isinstance(v, Quantized):  # 8-bit codes: two plain tensors in the state_dict
+                    d[key], d[key + _ABSMAX] = v.codes, v.absmax
+                else:
+                    d[key] = v
         elif field in _ROW_FIELDS and synced:
             out[0][key] = value
         else:
@@ -70,7 +76,9 @@ def assemble(template: NamedTuple, dicts: list[dict[str, Tensor]], synced: bool)
             elif isinstance(value, tuple) and hasattr(value, "_fields"):
                 fields[field] = build(value, "" if field == "base" else f"{key}_")
             elif isinstance(value, tuple):
-                fields[field] = tuple(d[key] for d in dicts) if value else ()
+                fields[field] = tuple(
+                    Quantized(d[key], d[key + _ABSMAX]) if isinstance(w, Quantized) else d[key] for d, w in zip(dicts, value)
+                )
             elif field in _ROW_FIELDS and synced:
                 fields[field] = dicts[0][key]
             else:
@@ -178,7 +186,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if state is not None:
             self._templates[key] = state
         elif key not in self._templates:
-            self._templates[key] = rule._init(_tree.meta_like(params))
+            self._templates[key] = rule._fresh(_tree.meta_like(params))
         return self._templates[key]
 
     def _group_state(self, group: dict[str, Any], rule: Rule, params: list[Tensor] | None = None, store: bool = True) -> NamedTuple:
@@ -286,14 +294,18 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 f"this state_dict was saved by a {theirs} optimizer; it cannot be loaded into {type(self).__name__} "
                 f"(the two keep different state under the same names)"
             )
+        groups = []
         for i, group in enumerate(state_dict["param_groups"]):
+            # hyperparameters that older state_dicts lack start at this optimizer's defaults
+            group = {**{n: self.defaults[n] for n in _HYPERS_ADDED_LATER if n in names and n not in group}, **group}
+            groups.append(group)
             missing = [n for n in names if n not in group]
             if missing:
                 raise ValueError(
                     f"param group {i} of this state_dict lacks {missing}: it is not a {type(self).__name__} state_dict"
                 )
             self.RULE(**{n: _layout_value(group[n]) for n in names})
-        groups = [{"differentiable": self.defaults["differentiable"], **g} for g in state_dict["param_groups"]]
+        groups = [{"differentiable": self.defaults["differentiable"], **g} for g in groups]
         super().load_state_dict({"state": {}, "param_groups": groups})
         self._stats_offset = {}
         self._laid_out = {}
@@ -395,6 +407,8 @@ def _is_python_zero(value: Any) -> Any:
 _CLASS_KEY = "memopt_func"
 # State entries that older state_dicts lack; a load starts them at zero.
 _ADDED_LATER = ("critical_nonfinite",)
+# Hyperparameters that older state_dicts lack; a load takes the optimizer's defaults for them.
+_HYPERS_ADDED_LATER = ("state_dtype", "rounding", "param_rounding", "seed")
 
 
 def _real(params: list[Tensor]) -> list[Tensor]:
@@ -419,7 +433,7 @@ def _hyper_values(group: dict[str, Any], rule: Rule) -> dict[str, Any]:
 
 def _layout(rule: Rule, params: list[Tensor]) -> list:
     """The shapes and dtypes of a fresh state of rule over params (made on the meta device)."""
-    state = rule._init(_tree.meta_like(params))
+    state = rule._fresh(_tree.meta_like(params))
     return [(tuple(t.shape), t.dtype) for t in pytree.tree_leaves(state)]
 
 

@@ -35,6 +35,7 @@ RMSPROP_HYPERS = (
     H.Hyper("centered", False, H.flag),
     H.maximize(),
     H.foreach(),
+    *H.storage(),
 )
 
 

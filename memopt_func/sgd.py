@@ -30,6 +30,7 @@ SGD_HYPERS = (
     H.Hyper("nesterov", False, H.flag),
     H.maximize(),
     H.foreach(),
+    *H.storage(),
 )
 
 

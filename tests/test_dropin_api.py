@@ -22,12 +22,13 @@ PUBLISHED_ORDER = {
     "AdEMAMix": ["lr", "betas", "alpha", "beta3_warmup", "alpha_warmup", "eps", "weight_decay"],
     # No published counterpart: from_rule's class takes the rule's HYPERS order (AdEMAMix's, then the buffer's).
     "AdEMAMix_C": ["lr", "betas", "alpha", "beta3_warmup", "alpha_warmup", "eps", "weight_decay", "maximize", "foreach",
-                   "kappa", "topC", "decay", "critical_test", "synced", "buffer_dtype", "aggr", "seed"],
+                   "kappa", "topC", "decay", "critical_test", "synced", "buffer_dtype", "aggr", "state_dtype", "rounding", "param_rounding", "seed"],
 }
 # A valid, non-default value for each argument, distinct across arguments where possible.
 SAMPLE = {
     "lr": 0.123, "betas": (0.81, 0.982), "eps": 1e-7, "decay": 0.55, "kappa": 0.75, "topC": 3,
     "weight_decay": 0.031, "amsgrad": True, "critical_test": 0.2, "synced": False, "buffer_dtype": torch.float32,
+    "state_dtype": torch.bfloat16, "rounding": "nearest", "param_rounding": "stochastic",
     "alpha": 0.93, "momentum": 0.44, "centered": True, "dampening": 0.17,
     "beta3_warmup": 17, "alpha_warmup": 19, "maximize": True, "foreach": False, "aggr": "mean", "seed": 23,
 }
@@ -45,7 +46,8 @@ SPEC_DEFAULTS = {
     # with_critical_buffer's defaults over a rule without a named critical variant: topC 10, aggr "sum".
     "AdEMAMix_C": dict(lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, beta3_warmup=None, alpha_warmup=None,
                        eps=1e-8, weight_decay=0.0, maximize=False, foreach=None, kappa=1.0, topC=10, decay=0.7,
-                       critical_test=0.0, synced=True, buffer_dtype=None, aggr="sum", seed=0),
+                       critical_test=0.0, synced=True, buffer_dtype=None, aggr="sum", seed=0,
+                       state_dtype=None, rounding="stochastic", param_rounding="nearest"),
 }
 
 

@@ -25,9 +25,16 @@ from memopt_func._rule import Rule
 from .flat import FlatLayout
 
 
-def _needs_per_tensor(rule: Rule) -> bool:
-    """A per-tensor critical buffer (synced=False) keeps one decision per tensor: no flat layout."""
-    return "synced" in rule.hyper and not rule.hyper["synced"] and rule.hyper["kappa"] != 0 and rule.hyper["topC"] > 0
+def _needs_per_tensor(rule: Rule) -> str | None:
+    """Why a rule's state cannot be laid out flat (None if it can): a per-tensor critical buffer
+    (synced=False) keeps one decision per tensor; 8-bit state is quantized in blocks of one tensor."""
+    if "synced" in rule.hyper and not rule.hyper["synced"] and rule.hyper["kappa"] != 0 and rule.hyper["topC"] > 0:
+        return "needs synced=True (or no buffer): a per-tensor critical buffer cannot be flattened"
+    if rule._storage.quantizes:
+        return "does not take 8-bit state (torch.int8 state_dtype or buffer_dtype), which is quantized tensor by tensor"
+    if rule._storage.draws:
+        return "does not take stochastic rounding, whose draws are made per tensor element (use rounding='nearest')"
+    return None
 
 
 def _map_state(state: NamedTuple, per_leaf, step) -> NamedTuple:
@@ -149,7 +156,7 @@ class Stepper:
         if flat is None:
             flat = not _needs_per_tensor(rule) and _steps_agree(state.step, FlatLayout(leaves))
         elif flat and _needs_per_tensor(rule):
-            raise ValueError("flat=True needs synced=True (or no buffer): a per-tensor critical buffer cannot be flattened")
+            raise ValueError(f"flat=True {_needs_per_tensor(rule)}")
         self.flat = flat
         self._leaves = leaves
         if flat:

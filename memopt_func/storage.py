@@ -1,0 +1,419 @@
+"""Storage precision of optimizer state and parameters (SPEC.md, "Storage precision").
+
+Arithmetic runs in float32 or the parameter's dtype, whichever is wider; only storage changes:
+
+* ``state_dtype`` stores the moments (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``,
+  ``exp_avg_slow``, ``momentum_buffer``, ``square_avg``, ``grad_avg``) in ``float32``,
+  ``bfloat16`` or ``float16``, or as 8-bit block-wise codes (``torch.int8``);
+* ``buffer_dtype=torch.int8`` stores the critical slots as 8-bit block-wise codes (a float
+  ``buffer_dtype`` is the published packages' cast, kept as it was);
+* ``param_rounding="stochastic"`` writes a parameter narrower than float32 (pure-bf16
+  training) with stochastic rounding.
+
+A value stored narrower than the computation is rounded stochastically (``rounding=
+"stochastic"``, the default: up or down with probability proportional to the distance from the
+other) or to the nearest representable value (``"nearest"``). The random bits come from the
+counter-based hash of (``seed``, the element's index, the tensor's step, the state field, the
+tensor's position among those stepped), so a run replays bit-for-bit, a resume is bit-identical,
+and eager and compiled steps draw the same bits (a compiled stepper keeps such state per tensor). Critical slots are written once and never
+accumulated into, so they are rounded to nearest, which halves the worst-case error.
+
+8-bit codes: a tensor is cut into blocks of ``BLOCK`` consecutive elements (of the flattened
+tensor, so a shard quantizes locally); each block keeps its absolute maximum in float32 and
+each element a code ``q`` with value ``absmax * (q / L) ** POWER`` (a power code: fine steps
+near zero, where values that span decades crowd). Signed state uses int8 (``L = 127``); state
+that is never negative (second moments) uses uint8 (``L = 255``). The code's power and the
+block size per kind were chosen by measured error (``bench/int8_codes.py``). Tensors with fewer
+than ``MIN_QUANTIZED`` elements gain too little to be worth the error and stay at full precision.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from ._counter_hash import uniform
+
+FLOAT_STORAGE = (torch.float32, torch.bfloat16, torch.float16)
+ROUNDINGS = ("stochastic", "nearest")
+
+#: The moment fields ``state_dtype`` governs, by kind: ``signed`` or never negative (``square``).
+MOMENTS = {
+    "exp_avg": "signed",
+    "exp_avg_slow": "signed",
+    "momentum_buffer": "signed",
+    "grad_avg": "signed",
+    "exp_avg_sq": "square",
+    "max_exp_avg_sq": "square",
+    "square_avg": "square",
+}
+_FIELD_ID = {name: i for i, name in enumerate((*MOMENTS, "buf", "params"))}
+
+#: Tensors smaller than this stay at full precision under 8-bit storage.
+MIN_QUANTIZED = 4096
+#: Elements per block, and the code's power, per kind (see ``bench/int8_codes.py``).
+BLOCK = {"signed": 256, "square": 256}
+POWER = {"signed": 2.0, "square": 4.0}
+_LEVELS = {"signed": 127, "square": 255}
+_CODE_DTYPE = {"signed": torch.int8, "square": torch.uint8}
+
+
+class Quantized(NamedTuple):
+    """A tensor in 8-bit block-wise storage: ``codes [*lead, blocks * BLOCK]`` (int8, or uint8
+    for a never-negative kind) and ``absmax [*lead, blocks]`` float32; ``lead`` is ``()`` for a
+    moment and ``(topC,)`` for a critical buffer (one set of blocks per slot)."""
+
+    codes: Tensor
+    absmax: Tensor
+
+
+def check_state_dtype(name: str, value: Any) -> torch.dtype | None:
+    if value is None or value in FLOAT_STORAGE or value == torch.int8:
+        return value
+    raise ValueError(
+        f"invalid {name}: {value!r} ({name} must be None, torch.float32, torch.bfloat16, torch.float16 or torch.int8)"
+    )
+
+
+def check_buffer_dtype(name: str, value: Any) -> torch.dtype | None:
+    if value is None or value == torch.int8 or (isinstance(value, torch.dtype) and value.is_floating_point):
+        return value
+    raise ValueError(f"invalid {name}: {value!r} ({name} must be None, a floating torch.dtype or torch.int8)")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 or the parameter's dtype, whichever is wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ---------------------------------------------------------------- rounding
+
+
+def random_uniform(x: Tensor, seed: int, step: Tensor, field: str, position: int) -> Tensor:
+    """u in [0, 1) per element of x: the hash of (seed, the element's index in its tensor, the
+    tensor's step, the field, the tensor's position among the tensors stepped)."""
+    counter = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+    stream = (step.to(torch.int64) * 0x9E3779B1 + (position * 64 + _FIELD_ID[field]) * 0x85EBCA77) & 0xFFFFFFFF
+    return uniform(seed, counter, stream)
+
+
+def round_float(x: Tensor, dtype: torch.dtype, u: Tensor | None) -> Tensor:
+    """x (float32 or float64) in the narrower float dtype: stochastically with uniform u, or to
+    nearest when u is None. Done on the bits of x (adding random low bits, then truncating), which
+    is unbiased within each binade and compiles to the same numbers as eager."""
+    if u is None or dtype == x.dtype:
+        return x.to(dtype)
+    if dtype == torch.float32:  # from float64: 29 of its 52 mantissa bits go
+        b = x.view(torch.int64)
+        r = (u * 2.0**29).to(torch.int64)
+        y = ((b + r) & ~((1 << 29) - 1)).view(torch.float64)
+        return torch.where(torch.isfinite(x), y, x).to(torch.float32)
+    x = x.to(torch.float32)
+    k = 16 if dtype == torch.bfloat16 else 13  # mantissa bits of float32 that dtype lacks
+    r = (u * float(2**k)).to(torch.int32)
+    y = ((x.view(torch.int32) + r) & ~((1 << k) - 1)).view(torch.float32)
+    if dtype == torch.float16:  # below float16's normal range its grid is even: 2**-24 apart
+        tiny = 2.0**-24
+        sub = torch.floor(x.abs() / tiny + u.to(torch.float32)) * tiny
+        y = torch.where(x.abs() < 2.0**-14, torch.copysign(sub, x), y)
+    return torch.where(torch.isfinite(x), y, x).to(dtype)
+
+
+# ---------------------------------------------------------------- 8-bit codes
+
+
+def _blocks(x: Tensor, block: int) -> Tensor:
+    """x flattened per leading row and zero-padded to whole blocks: ``[*lead, blocks, block]``."""
+    lead = x.shape[:-1]
+    n = x.shape[-1]
+    pad = (-n) % block
+    if pad:
+        x = torch.cat([x, x.new_zeros((*lead, pad))], dim=-1)
+    return x.view(*lead, -1, block)
+
+
+def quantize(x: Tensor, kind: str, u: Tensor | None, lead: int = 0) -> Quantized:
+    """x (float32/64) in 8-bit block-wise codes; ``lead`` leading dims keep their own blocks.
+    Stochastic between the two nearest codes with uniform u (same shape as x), else nearest."""
+    block, power, levels = BLOCK[kind], POWER[kind], _LEVELS[kind]
+    x = x.to(torch.float32)
+    flat = x.reshape(*x.shape[:lead], -1)
+    xb = _blocks(flat, block)
+    absmax = xb.abs().amax(dim=-1)
+    y = (xb.abs() / absmax.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).clamp(max=1.0)
+    t = y.pow(1.0 / power) * levels
+    lo = t.floor().clamp(max=levels - 1)
+    d_lo = (lo / levels).pow(power)
+    d_hi = ((lo + 1) / levels).pow(power)
+    p = (y - d_lo) / (d_hi - d_lo)
+    if u is None:
+        up = p > 0.5
+    else:
+        up = _blocks(u.to(torch.float32).reshape(flat.shape), block) < p
+    q = lo + up.to(lo.dtype)
+    if kind == "square":  # a non-zero second moment never becomes 0 (its step would divide by eps)
+        q = torch.where(xb > 0, q.clamp(min=1), q)
+    if kind == "signed":
+        q = torch.where(xb < 0, -q, q)
+    codes = q.to(_CODE_DTYPE[kind]).reshape(*flat.shape[:-1], -1)
+    return Quantized(codes, absmax)
+
+
+def dequantize(q: Quantized, kind: str, shape: Sequence[int], dtype: torch.dtype, lead: int = 0) -> Tensor:
+    """The values of 8-bit codes, in dtype, shaped ``shape`` (the leading dims included)."""
+    block, power, levels = BLOCK[kind], POWER[kind], _LEVELS[kind]
+    c = q.codes.to(torch.float32)
+    c = c.view(*c.shape[:-1], -1, block)
+    mag = (c.abs() / levels).pow(power) * q.absmax[..., None]
+    values = torch.where(c < 0, -mag, mag).reshape(*c.shape[:-2], -1)
+    numel = 1
+    for s in shape[lead:]:
+        numel *= s
+    return values[..., :numel].reshape(shape).to(dtype)
+
+
+def quantized_shape(shape: Sequence[int], kind: str, lead: int = 0) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of (codes, absmax) for a tensor of ``shape``."""
+    numel = 1
+    for s in shape[lead:]:
+        numel *= s
+    blocks = -(-numel // BLOCK[kind])
+    head = tuple(shape[:lead])
+    return (*head, blocks * BLOCK[kind]), (*head, blocks)
+
+
+def quantizes(p: Tensor) -> bool:
+    """Whether 8-bit storage quantizes state of a tensor like p (large enough to gain)."""
+    return p.numel() >= MIN_QUANTIZED
+
+
+def fits(entry: Any, p: Tensor, lead: int) -> bool:
+    """Whether a stored entry has the layout a tensor like p needs (``lead`` leading dims)."""
+    if isinstance(entry, Quantized):
+        kind = "square" if entry.codes.dtype == torch.uint8 else "signed"
+        want_codes, want_absmax = quantized_shape((*entry.codes.shape[:lead], *p.shape), kind, lead)
+        return tuple(entry.codes.shape) == want_codes and tuple(entry.absmax.shape) == want_absmax
+    return isinstance(entry, Tensor) and tuple(entry.shape[lead:]) == tuple(p.shape)
+
+
+# ---------------------------------------------------------------- the state
+
+
+class Storage:
+    """A rule's storage settings, applied around its update: ``fresh`` lays a new state out in
+    storage, ``decode`` gives the update its inputs at compute precision, ``encode`` stores what
+    it returns (only the tensors stepped; the others are left exactly as they were)."""
+
+    def __init__(self, state_dtype, buffer_dtype, rounding: str, param_rounding: str, seed: int) -> None:
+        self.state_dtype = state_dtype
+        self.buffer_int8 = buffer_dtype == torch.int8
+        self.stochastic = rounding == "stochastic"
+        self.param_stochastic = param_rounding == "stochastic"
+        self.seed = seed
+
+    @property
+    def active(self) -> bool:
+        return self.state_dtype is not None or self.buffer_int8 or self.param_stochastic
+
+    @property
+    def draws(self) -> bool:
+        """Whether a step draws random bits (stochastic rounding of a narrowed value)."""
+        return (self.stochastic and self.state_dtype is not None) or self.param_stochastic
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether any state is held in 8-bit codes (laid out per tensor, not flat)."""
+        return self.state_dtype == torch.int8 or self.buffer_int8
+
+    def compute(self, p: Tensor) -> torch.dtype:
+        """The dtype a tensor's step computes in: its own unless storage is set, else at least float32."""
+        return compute_dtype(p.dtype) if self.state_dtype is not None or self.param_stochastic else p.dtype
+
+    def _stored(self, p: Tensor) -> Any:
+        """How a moment of a tensor like p is stored: a float dtype, or "int8"."""
+        if self.state_dtype == torch.int8:
+            return "int8" if quantizes(p) else self.compute(p)
+        return self.state_dtype or p.dtype
+
+    # -- fresh state
+    def fresh(self, state: NamedTuple, leaves: Sequence[Tensor]) -> NamedTuple:
+        """A fresh (all-zero) state as stored."""
+        if not self.active:
+            return state
+        return _map_fields(state, lambda name, i, v: self._fresh_entry(name, v, leaves[i]), _critical_sums(self, leaves))
+
+    def _fresh_entry(self, name: str, v: Tensor, p: Tensor) -> Any:
+        if name == "buf":
+            if self.buffer_int8 and quantizes(p):
+                codes, absmax = quantized_shape(v.shape, "signed", lead=1)
+                return Quantized(
+                    torch.zeros(codes, dtype=torch.int8, device=v.device), torch.zeros(absmax, device=v.device)
+                )
+            return v
+        stored = self._stored(p)
+        if stored == "int8":
+            kind = MOMENTS[name]
+            codes, absmax = quantized_shape(v.shape, kind)
+            return Quantized(
+                torch.zeros(codes, dtype=_CODE_DTYPE[kind], device=v.device), torch.zeros(absmax, device=v.device)
+            )
+        return v.to(stored)
+
+    # -- a step
+    def decode(self, params: list[Tensor], grads: list[Tensor], state: NamedTuple, idx: Sequence[int]):
+        """The step's inputs at compute precision: (params, grads, state) of the present leaves."""
+        dtypes = [self.compute(p) for p in params]
+        params = [p if p.dtype == d else p.to(d) for p, d in zip(params, dtypes)]
+        grads = [g if g.dtype == d else g.to(d) for g, d in zip(grads, dtypes)]
+        where = dict(zip(idx, range(len(idx))))
+
+        def entry(name: str, i: int, v: Any) -> Any:
+            if i not in where:
+                return v
+            d = dtypes[where[i]]
+            if isinstance(v, Quantized):
+                shape = params[where[i]].shape
+                if name == "buf":
+                    return dequantize(v, "signed", (v.codes.shape[0], *shape), d, lead=1)
+                return dequantize(v, MOMENTS[name], shape, d)
+            if name == "buf" or v.dtype == d:
+                return v
+            return v.to(d)
+
+        state = _map_fields(state, entry)
+        return params, grads, _exact_sums(state, idx)
+
+    def encode(self, new_params, new_state, params, state, idx, donate: bool):
+        """The stepped values stored: ``new_params``/``new_state`` at compute precision (present
+        leaves / all leaves), ``params``/``state`` as stored before the step."""
+        step = new_state.step
+        where = dict(zip(idx, range(len(idx))))
+
+        def entry(name: str, i: int, new: Any, old: Any) -> Any:
+            if i not in where:
+                return old
+            t = step[i]
+            if isinstance(old, Quantized):
+                if name == "buf":
+                    out = _requantize_slots(old, new)
+                else:
+                    kind = MOMENTS[name]
+                    u = random_uniform(new, self.seed, t, name, where[i]) if self.stochastic else None
+                    out = quantize(new, kind, u)
+                return _into(old, out) if donate else out
+            if name == "buf" or new.dtype == old.dtype:
+                return new  # not narrowed: the update wrote it as the rule does (in place when donated)
+            if name == "buf_sum":  # an 8-bit buffer's sum, recomputed from its slots every step
+                out = new.to(old.dtype)
+            else:
+                u = random_uniform(new, self.seed, t, name, where[i]) if self.stochastic else None
+                out = round_float(new, old.dtype, u)
+            return old.copy_(out) if donate else out
+
+        stored_state = _map_pairs(new_state, state, entry)
+        out_params = []
+        for j, i in enumerate(idx):
+            new, old = new_params[j], params[j]
+            if new.dtype != old.dtype:
+                u = random_uniform(new, self.seed, step[i], "params", j) if self.param_stochastic else None
+                new = round_float(new, old.dtype, u)
+                if donate:
+                    new = old.copy_(new)
+            out_params.append(new)
+        return out_params, stored_state
+
+
+def _into(old: Quantized, new: Quantized) -> Quantized:
+    old.codes.copy_(new.codes)
+    old.absmax.copy_(new.absmax)
+    return old
+
+
+def _requantize_slots(old: Quantized, new: Tensor) -> Quantized:
+    """A critical buffer's slots after a step: the blocks the step changed (the written slot)
+    quantized afresh, to nearest; every other block keeps its codes bit for bit."""
+    fresh = quantize(new, "signed", None, lead=1)
+    before = dequantize(old, "signed", new.shape, new.dtype, lead=1)
+    changed = _blocks((new != before).reshape(new.shape[0], -1), BLOCK["signed"]).any(dim=-1)
+    codes = torch.where(
+        changed[..., None], fresh.codes.view(*changed.shape, -1), old.codes.view(*changed.shape, -1)
+    ).reshape(old.codes.shape)
+    return Quantized(codes, torch.where(changed, fresh.absmax, old.absmax))
+
+
+def _critical_sums(storage: Storage, leaves: Sequence[Tensor]):
+    """buf_sum's stored dtype per leaf: an 8-bit buffer's sum is recomputed from its slots every
+    step, and stored at compute precision; otherwise float64 as the buffer keeps it."""
+
+    def fix(name: str, i: int, v: Tensor) -> Tensor:
+        if name == "buf_sum" and storage.buffer_int8 and quantizes(leaves[i]):
+            return v.to(compute_dtype(leaves[i].dtype))
+        return v
+
+    return fix
+
+
+def _exact_sums(state: NamedTuple, idx: Sequence[int]) -> NamedTuple:
+    """A critical state whose decoded 8-bit slots carry a buf_sum summed afresh from them (in float64)."""
+    crit = getattr(state, "critical", None)
+    if crit is None or not any(s.dtype != torch.float64 for s in crit.buf_sum):
+        return state
+    from .critical_buffer import slot_sum
+
+    top_c = crit.keys.shape[1]
+    synced = crit.keys.shape[0] == 1
+    sums = list(crit.buf_sum)
+    for i in idx:
+        if sums[i].dtype != torch.float64:
+            filled = crit.count[0] if synced else crit.count[i]
+            sums[i] = slot_sum(crit.buf[i], filled, top_c, torch.float64)
+    return state._replace(critical=crit._replace(buf_sum=tuple(sums)))
+
+
+def _is_node(v: Any) -> bool:
+    return isinstance(v, tuple) and hasattr(v, "_fields") and not isinstance(v, Quantized)
+
+
+def _map_fields(state: Any, fn, after=None) -> Any:
+    """The state with ``fn(field, leaf index, entry)`` applied to each per-leaf entry of the
+    moment fields and ``buf`` (and ``after`` to every per-leaf entry after that)."""
+    if state is None:
+        return None
+    fields = {}
+    for name in state._fields:
+        v = getattr(state, name)
+        if _is_node(v):
+            v = _map_fields(v, fn, after)
+        elif isinstance(v, tuple) and (name in MOMENTS or name == "buf"):
+            v = tuple(fn(name, i, e) for i, e in enumerate(v))
+        if after is not None and isinstance(v, tuple) and not _is_node(v):
+            v = tuple(after(name, i, e) for i, e in enumerate(v))
+        fields[name] = v
+    return type(state)(**fields)
+
+
+def _map_pairs(new: Any, old: Any, fn) -> Any:
+    """``fn(field, leaf index, new entry, old entry)`` over the stored fields (and buf_sum)."""
+    if new is None:
+        return None
+    fields = {}
+    for name in new._fields:
+        v, w = getattr(new, name), getattr(old, name)
+        if _is_node(v):
+            v = _map_pairs(v, w, fn)
+        elif isinstance(v, tuple) and (name in MOMENTS or name in ("buf", "buf_sum")):
+            v = tuple(fn(name, i, a, b) for i, (a, b) in enumerate(zip(v, w)))
+        fields[name] = v
+    return type(new)(**fields)
+
+
+def storage_of(rule: Any) -> Storage:
+    h = rule.hyper
+    return Storage(
+        h.get("state_dtype"), h.get("buffer_dtype"), h.get("rounding", "stochastic"), h.get("param_rounding", "nearest"), h.get("seed", 0)
+    )
+
+
+__all__ = ["Quantized", "Storage", "quantize", "dequantize", "round_float", "MOMENTS", "BLOCK", "POWER"]
