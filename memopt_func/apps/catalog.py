@@ -50,10 +50,34 @@ def is_memory(name: str) -> bool:
     return name in MEMORY
 
 
-def make_optimizer(name: str, params: Iterable[torch.Tensor] | list[dict[str, Any]], **hyper: Any) -> torch.optim.Optimizer:
-    """A fresh optimizer ``name`` over ``params``: torch.optim (foreach) or this package's drop-in."""
+#: Storage settings by name: (state_dtype, buffer_dtype) (``memopt_func.storage``).
+STORAGE = {
+    "fp32": (None, None),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "int8": (torch.int8, torch.int8),
+}
+
+
+def make_optimizer(
+    name: str, params: Iterable[torch.Tensor] | list[dict[str, Any]], storage: str = "fp32", **hyper: Any
+) -> torch.optim.Optimizer:
+    """A fresh optimizer ``name`` over ``params``: torch.optim (foreach) or this package's drop-in.
+    A ``storage`` other than fp32 keeps the state narrower (``STORAGE``): a drop-in takes it as
+    ``state_dtype`` (and ``buffer_dtype``), and a torch.optim name becomes this package's rule of
+    that name (``rules.AdamW`` ...) stepped through ``optim.from_rule`` with that ``state_dtype``."""
+    if storage not in STORAGE:
+        raise ValueError(f"unknown storage {storage!r}; valid: {', '.join(STORAGE)}")
+    state_dtype, buffer_dtype = STORAGE[storage]
     if name in TORCH_OPTIM:
-        return getattr(torch.optim, name)(params, foreach=True, **hyper)
+        if storage == "fp32":
+            return getattr(torch.optim, name)(params, foreach=True, **hyper)
+        from .. import rules
+
+        return dropin.from_rule(params, rules.RULES[name](**hyper, state_dtype=state_dtype))
     if name in MEMORY:
+        if storage != "fp32":
+            hyper = {**hyper, "state_dtype": state_dtype}
+            if name != "AdEMAMix":
+                hyper["buffer_dtype"] = buffer_dtype
         return getattr(dropin, name)(params, **hyper)
     raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(NAMES)}")

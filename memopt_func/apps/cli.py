@@ -13,6 +13,7 @@ lm --quick: about 1 minute); see `memopt-func CMD --help`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 import time
@@ -72,6 +73,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--compiled", action="store_true", help="step the memory optimizers through memopt_func.compiled.compile_optimizer")
     _add_threads(p, 1)
+    _add_storage(p)
     p.set_defaults(func=_run_demo)
 
 
@@ -83,7 +85,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig(
         optimizers=args.optimizers, steps=args.steps, batch_size=min(args.batch_size, args.train_size),
         n_train=args.train_size, n_val=args.val_size, hidden=args.hidden, eval_every=args.eval_every,
-        seed=args.seed, lr=common.merge_lr_overrides(args.lr), out=args.out, compiled=args.compiled,
+        seed=args.seed, lr=common.merge_lr_overrides(args.lr), out=args.out, compiled=args.compiled, storage=args.storage,
         progress=not args.no_progress,
     )
     return run(cfg)
@@ -169,6 +171,7 @@ def _add_lm(sub: argparse._SubParsersAction) -> None:
         help="as --ddp, with the model sharded by FSDP2 (torch.distributed.fsdp.fully_shard on each block and the root) "
         "instead of replicated; not with --compile",
     )
+    _add_storage(p)
     p.set_defaults(func=_run_lm)
 
 
@@ -190,6 +193,7 @@ def _run_lm(args: argparse.Namespace) -> int:
     cfg = LMConfig.from_preset(
         args.preset, optimizers=args.optimizers, seed=args.seed, data=args.data, lr=common.merge_lr_overrides(args.lr),
         lr_sweep=args.lr_sweep, sweep_lrs=args.sweep_lrs, compile=args.compile, parallel=args.parallel, out=args.out,
+        storage=args.storage,
         progress=not args.no_progress,
         **overrides,
     )
@@ -311,13 +315,70 @@ def _run_bench(args: argparse.Namespace) -> int:
     return run(cfg)
 
 
+def _add_storage(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage", choices=list(catalog.STORAGE), default="fp32",
+        help="optimizer state storage: fp32 (default), bf16 or int8 (state_dtype and buffer_dtype; stochastic "
+        "rounding); AdamW/Adam then run as this package's rules of that name",
+    )
+
+
+def _add_memory(sub: argparse._SubParsersAction) -> None:
+    from .memory import OPTIMIZERS, SETTINGS, MemoryConfig
+
+    m = MemoryConfig()
+    p = sub.add_parser(
+        "memory",
+        help="optimizer state bytes per parameter for each storage setting, measured from state_dict",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_paragraphs(
+            "Step each optimizer once on an MLP of 300k float32 parameters with each storage setting (fp32: "
+            "today's state; bf16: state_dtype and buffer_dtype torch.bfloat16; int8: both torch.int8) and sum the "
+            "bytes of the tensors in optimizer.state_dict()['state']. Prints bytes per parameter and the total for "
+            "--params parameters, beside other libraries' published figures; writes memory.csv, memory.json and "
+            "memory.png into --out.",
+        ),
+    )
+    p.add_argument(
+        "--optimizers", type=common.optimizer_list(OPTIMIZERS), default=list(OPTIMIZERS), metavar="NAME,...",
+        help=f"optimizers, of {', '.join(OPTIMIZERS)} (default: all)",
+    )
+    p.add_argument(
+        "--storage", type=_storage_list, default=list(SETTINGS), metavar="NAME,...",
+        help=f"storage settings, of {', '.join(SETTINGS)} (default: all)",
+    )
+    p.add_argument("--params", type=common.positive_float, default=m.params, help="model size for the totals (default: 7e9)")
+    p.add_argument("--out", type=Path, default=m.out, help=f"output folder (default: {m.out})")
+    p.add_argument("--no-plot", action="store_true", help="write no memory.png (no matplotlib needed)")
+    _add_threads(p, None)
+    p.set_defaults(func=_run_memory)
+
+
+def _storage_list(text: str) -> list[str]:
+    from .memory import SETTINGS
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in SETTINGS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"invalid storage {text!r}: choose from {', '.join(SETTINGS)}")
+    return names
+
+
+def _run_memory(args: argparse.Namespace) -> int:
+    from .memory import MemoryConfig, run
+
+    cfg = MemoryConfig(optimizers=args.optimizers, settings=args.storage, params=args.params, out=args.out, plot=not args.no_plot)
+    return run(cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memopt-func", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{lm,demo,surfaces,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{lm,demo,surfaces,bench,memory}")
     _add_lm(sub)
     _add_demo(sub)
     _add_surfaces(sub)
     _add_bench(sub)
+    _add_memory(sub)
     return parser
 
 
@@ -337,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         torch.set_num_threads(threads)
-    print(f"{args.command} finished in {time.perf_counter() - start:.1f} s")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
+        print(f"{args.command} finished in {time.perf_counter() - start:.1f} s")
     return status
 
 

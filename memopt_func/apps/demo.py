@@ -57,6 +57,7 @@ class DemoConfig:
     out: Path = Path("memopt_out/demo")
     compiled: bool = False
     progress: bool = True
+    storage: str = "fp32"  # optimizer state storage (``catalog.STORAGE``)
 
 
 @dataclass
@@ -107,7 +108,7 @@ def train_one(
     hyper = dict(DEMO_HYPER[name])
     hyper["lr"] = common.resolve_lr(name, hyper["lr"], cfg.lr)
     model = small_mlp(seed=cfg.seed, hidden=cfg.hidden)
-    opt = catalog.make_optimizer(name, model.parameters(), **hyper)
+    opt = catalog.make_optimizer(name, model.parameters(), storage=cfg.storage, **hyper)
     wrap = compile_optimizer is not None and catalog.is_memory(name)
     stepper = compile_optimizer(opt) if wrap else opt
     gen = torch.Generator().manual_seed(cfg.seed + 1)

@@ -124,6 +124,7 @@ class LMConfig:
     sweep_lrs: list[float] = field(default_factory=lambda: list(SWEEP_LRS))
     compile: bool = False
     parallel: str | None = None  # "ddp" or "fsdp": one rank of a process group (see ``distributed``)
+    storage: str = "fp32"  # optimizer state storage (``catalog.STORAGE``)
     out: Path = Path("memopt_out/lm")
     progress: bool = True
 
@@ -385,10 +386,10 @@ def make_optimizer(name: str, model: nn.Module, cfg: LMConfig, lr: float) -> tor
     learning rate, so that ``torch.compile(opt.step)`` never recompiles as the schedule moves."""
     hyper = hyper_for(name, cfg, lr)
     groups = param_groups(model, hyper.pop("weight_decay", 0.0))
-    if cfg.compile and not catalog.is_memory(name):
+    if cfg.compile and not catalog.is_memory(name) and cfg.storage == "fp32":
         # torch.optim takes a tensor lr only in its single-tensor form (torch.compile fuses it anyway).
         return getattr(torch.optim, name)(groups, foreach=False, **{**hyper, "lr": torch.tensor(lr)})
-    opt = catalog.make_optimizer(name, groups, **hyper)
+    opt = catalog.make_optimizer(name, groups, storage=cfg.storage, **hyper)
     return compile_optimizer(opt) if cfg.compile else opt
 
 
@@ -778,6 +779,8 @@ def describe(cfg: LMConfig, corpus: Corpus, dd: Dist = Dist()) -> list[str]:
         f"cosine to {cfg.min_lr_ratio:g}x; validation on {len(eval_windows(corpus.val, cfg.context, cfg.eval_tokens)[0]) * cfg.context} "
         f"tokens every {cfg.eval_every} steps; {torch.get_num_threads()} thread(s), torch {torch.__version__}",
     ]
+    if cfg.storage != "fp32":
+        lines.append(f"optimizer state stored as {cfg.storage} (state_dtype and buffer_dtype; AdamW/Adam: this package's rules)")
     if dd.mode is not None:
         wrapper = "DistributedDataParallel" if dd.mode == "ddp" else "FSDP2 fully_shard (each block and the root)"
         lines.append(
