@@ -12,7 +12,7 @@ from hypothesis import event
 from torch import Tensor
 
 from memopt_func import rules
-from strategies import StepPlan, TreePlan, flat
+from strategies import COMBINED_BASE, CRITICAL_KEYS, StepPlan, TreePlan, flat
 
 _INT_OF = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
@@ -69,6 +69,12 @@ def assert_bit_identical(a: Any, b: Any, what: str) -> None:
 
 
 def make_rule(name: str, hyper: dict):
+    """The rule a suite name stands for, built with ``hyper``. A combined name ("AdamW+buffer",
+    see ``strategies.COMBINED_BASE``) is ``rules.with_critical_buffer(Base(**base part),
+    **critical part)``, the critical part being the ``CRITICAL_KEYS`` present in ``hyper``."""
+    if name in COMBINED_BASE:
+        base = rules.RULES[COMBINED_BASE[name]](**{k: v for k, v in hyper.items() if k not in CRITICAL_KEYS})
+        return rules.with_critical_buffer(base, **{k: v for k, v in hyper.items() if k in CRITICAL_KEYS})
     return rules.RULES[name](**hyper)
 
 

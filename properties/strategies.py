@@ -15,10 +15,22 @@ import torch
 import torch.utils._pytree as pytree
 from hypothesis import strategies as st
 
-from memopt_func.rules import RULES
+from memopt_func.rules import RULES, critical_class
 
-CRITICAL_RULES = ("SGD_C", "Adam_C", "RMSprop_C", "Adam_CM")
+# SPEC.md section 8.3: ``rules.with_critical_buffer(base, **critical)`` puts a critical buffer
+# over any rule. The suite names such a combined rule "<Base>+buffer" and builds it with
+# ``harness.make_rule`` from drawn base hyperparameters (``maximize`` included) and drawn
+# critical hyperparameters (``critical_hypers``). "RMSprop+buffer" is RMSprop_C reached
+# through the combinator; the other two are classes the combinator makes (AdEMAMix_C, AdamW_C).
+COMBINED_BASE = {"AdEMAMix+buffer": "AdEMAMix", "AdamW+buffer": "AdamW", "RMSprop+buffer": "RMSprop"}
+COMBINED_RULES = tuple(COMBINED_BASE)
+# The hyperparameters ``with_critical_buffer`` takes; everything else is the base rule's.
+CRITICAL_KEYS = ("topC", "kappa", "decay", "synced", "aggr", "buffer_dtype", "critical_test", "seed")
+
+NAMED_CRITICAL_RULES = ("SGD_C", "Adam_C", "RMSprop_C", "Adam_CM")
+CRITICAL_RULES = NAMED_CRITICAL_RULES
 ALL_RULES = ("Adam", "AdamW", "SGD", "RMSprop", "Adam_C", "RMSprop_C", "SGD_C", "Adam_CM", "AdEMAMix")
+
 AGGREGATIONS = ("sum", "mean", "buffer")
 
 FULL_DTYPES = (torch.float64, torch.float32)
@@ -34,6 +46,14 @@ LOW_LOG10_SCALE = (-2.0, 2.0)  # float16 overflows past ~6e4; keep products of s
 # step to step makes a sum of per-tensor norms and the norm of the sum rank steps differently
 # (alike: their ratio is sqrt(n); one dominating: about 1).
 SCALE_PATTERNS = ("alike", "one dominates", "spread")
+
+
+def rule_class(name: str) -> type:
+    """The rule class of a suite name: ``RULES[name]``, or for a combined name the class
+    ``with_critical_buffer`` builds over its base."""
+    if name in COMBINED_BASE:
+        return critical_class(RULES[COMBINED_BASE[name]])
+    return RULES[name]
 
 
 # --------------------------------------------------------------------------- pytrees
@@ -404,6 +424,12 @@ def rule_hypers(draw, name: str, *, buffer: bool | None = None, low_precision: b
         base = {"SGD_C": sgd_hypers(), "Adam_C": adam_hypers(), "RMSprop_C": rmsprop_hypers(), "Adam_CM": adam_hypers()}
         crit = critical_hypers(buffer=buffer, low_precision=low_precision, deciding=deciding)
         return {**draw(base[name]), **draw(crit)}
+    if name in COMBINED_BASE:
+        # the base rule's own hyperparameters, maximize too: a combined rule offers the
+        # maximize-adjusted gradient (SPEC 2.6, 8.3)
+        base = {**draw(base_hypers(COMBINED_BASE[name])), "maximize": draw(st.booleans())}
+        crit = critical_hypers(buffer=buffer, low_precision=low_precision, deciding=deciding)
+        return {**base, **draw(crit)}
     return draw(base_hypers(name))
 
 
@@ -422,7 +448,7 @@ def per_step_overrides(draw, name: str) -> dict:
     """Per-step hyperparameter overrides ``name`` accepts (``rule.step(..., **overrides)``): a
     random subset of lr, weight_decay, eps, alpha, dampening and (critical rules) decay. Betas and
     momentum stay fixed: switching them between zero and non-zero changes the state layout."""
-    names = [n for n in RULES[name].dynamic_names() if n in _PER_STEP_VALUES]
+    names = [n for n in rule_class(name).dynamic_names() if n in _PER_STEP_VALUES]
     if draw(st.integers(0, 2)) == 0:
         return {}
     return {n: draw(_PER_STEP_VALUES[n]) for n in names if draw(st.integers(0, 2)) == 0}
