@@ -28,7 +28,8 @@ COMBINED_RULES = tuple(COMBINED_BASE)
 CRITICAL_KEYS = ("topC", "kappa", "decay", "synced", "aggr", "buffer_dtype", "critical_test", "seed")
 
 NAMED_CRITICAL_RULES = ("SGD_C", "Adam_C", "RMSprop_C", "Adam_CM")
-CRITICAL_RULES = NAMED_CRITICAL_RULES
+# Every rule that keeps a critical buffer: the package's own and the combined ones.
+CRITICAL_RULES = NAMED_CRITICAL_RULES + COMBINED_RULES
 ALL_RULES = ("Adam", "AdamW", "SGD", "RMSprop", "Adam_C", "RMSprop_C", "SGD_C", "Adam_CM", "AdEMAMix")
 
 AGGREGATIONS = ("sum", "mean", "buffer")

@@ -1,6 +1,9 @@
-"""SPEC.md "Invariants" of the critical buffer, checked after every step of the four critical
-rules (SGD_C, Adam_C, RMSprop_C, Adam_CM) on hypothesis-drawn pytrees, gradient streams and
-hyperparameters (a buffer always exists here: kappa > 0 and topC >= 1).
+"""SPEC.md "Invariants" of the critical buffer, checked after every step of every rule that keeps
+one (``strategies.CRITICAL_RULES``): the package's four (SGD_C, Adam_C, RMSprop_C, Adam_CM) and
+the buffer put over AdEMAMix, AdamW and RMSprop with ``rules.with_critical_buffer`` (SPEC.md
+section 8.3; named "AdEMAMix+buffer", "AdamW+buffer", "RMSprop+buffer", with drawn base and
+critical hyperparameters, ``maximize`` included), on hypothesis-drawn pytrees, gradient streams
+and hyperparameters (a buffer always exists here: kappa > 0 and topC >= 1).
 
 The cases make the buffer decide: decays mostly near 1, streams long enough to fill it whose
 scale grows and shrinks, per-leaf scale patterns that change from step to step, trees with runs
@@ -297,12 +300,15 @@ def test_invariant_keys_decay_and_written_key_is_nu_times_decay(name, data):
 
 def _offered_values(name, hyper, rec, m_track):
     """SPEC's offered value per present leaf (float, parameter dtype) for this step; updates
-    the independently tracked Adam_CM momentum."""
+    the independently tracked Adam_CM momentum. With ``maximize`` (drawn for the combined
+    rules) ``g`` is ``-grad`` (SPEC 1, 2.6)."""
     synced = hyper["synced"]
     out = {}
     for i, g in enumerate(rec.grads):
         if g is None:
             continue
+        if hyper.get("maximize"):
+            g = -g
         if name == "SGD_C":
             wd = hyper["weight_decay"]
             # as torch.optim.SGD (and the published SGD_C) write it: one fused add with alpha
@@ -324,8 +330,9 @@ def _offered_values(name, hyper, rec, m_track):
 def test_invariant_every_stored_slot_was_offered_no_mixing(name, data):
     """Invariant "every stored slot is a value that was offered at some step (no mixing)".
 
-    Offered values are recomputed independently: the gradient (Adam_C, RMSprop_C), the
-    weight-decayed gradient ``g + weight_decay*p`` (SGD_C, as ``torch.add(g, p, alpha=weight_decay)``), and for Adam_CM the raw gradient on
+    Offered values are recomputed independently: the gradient (Adam_C, RMSprop_C, and the
+    combined rules "<Base>+buffer" of SPEC 8.3, whatever moments their base keeps; ``-grad``
+    with maximize), the weight-decayed gradient ``g + weight_decay*p`` (SGD_C, as ``torch.add(g, p, alpha=weight_decay)``), and for Adam_CM the raw gradient on
     the seeding step, then the plain momentum ``m = lerp(m, g, 1 - b1)`` (also checked to be the
     stored ``exp_avg``). Each filled slot must equal one of them bit for bit in buffer_dtype; the
     slot written this step must hold this step's value and every other slot must be unchanged.

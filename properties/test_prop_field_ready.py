@@ -6,15 +6,19 @@
   the bad tensor had no gradient for the buffer";
 * "``buf_sum`` stays exact to the current slots' rounding after streams whose scale spans 1e6".
 
-The properties that involve admission assert, through ``harness.sees_admissions_and_refusals``,
-that enough of their examples saw a full buffer both admit and refuse (SPEC.md invariant "Every
-property that involves admission sees both admissions and refusals in its examples").
+The critical rules here (``strategies.CRITICAL_RULES``) include the buffer over AdEMAMix, AdamW
+and RMSprop made by ``rules.with_critical_buffer`` (SPEC.md 8.3, "<Base>+buffer"; their drop-in
+is ``optim.from_rule``). The properties that involve admission assert, through
+``harness.sees_admissions_and_refusals``, that enough of their examples saw a full buffer both
+admit and refuse (SPEC.md invariant "Every property that involves admission sees both admissions
+and refusals in its examples").
 """
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import assume, event, given
 from hypothesis import strategies as st
@@ -23,7 +27,7 @@ from torch import nn
 from harness import ADMISSIONS, full_buffer_choices, make_rule, rows_moved, sees_admissions_and_refusals
 from memopt_func import optim, rules
 from memopt_func.compiled import Stepper
-from strategies import CRITICAL_RULES, grad_streams, rule_hypers, shape_lists
+from strategies import COMBINED_RULES, CRITICAL_RULES, grad_streams, rule_hypers, shape_lists
 
 SKIP_RULES = CRITICAL_RULES + ("AdEMAMix", "Adam", "AdamW", "SGD", "RMSprop")
 DROPIN = {"Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix"}
@@ -47,9 +51,10 @@ def _start(shapes, seed):
 )
 def test_invariant_skipped_tensors_are_untouched_and_every_path_agrees(name, data, shapes, seed):
     """Random frozen tensors and intermittently missing gradients: the functional rule, the
-    eager drop-in and the flat Stepper (which moves to per-tensor stepping at the first missing
-    gradient) give the same run, and a tensor without a gradient is bit-identical to before
-    (SPEC 2.5). Examples with a buffer count towards "sees both admissions and refusals"."""
+    eager drop-in (``optim.from_rule`` for the combined rules) and the flat Stepper (which moves
+    to per-tensor stepping at the first missing gradient) give the same run, and a tensor without
+    a gradient is bit-identical to before (SPEC 2.5). Examples with a buffer count towards "sees
+    both admissions and refusals"."""
     # a buffer always exists for a critical name (kappa 0 / topC 0 is the base rule: the
     # reductions property shows it, None gradients included; the base rules are drawn here too)
     hyper = data.draw(rule_hypers(name, deciding=True, **({"buffer": True} if name in CRITICAL_RULES else {})))
@@ -69,7 +74,12 @@ def test_invariant_skipped_tensors_are_untouched_and_every_path_agrees(name, dat
     buffered = getattr(ref_state, "critical", None) is not None
     admitted = refused = 0
     model_params = [nn.Parameter(p.clone(), requires_grad=not f) for p, f in zip(start, frozen)]
-    dropin = getattr(optim, name)(model_params, **hyper) if name in DROPIN else None
+    if name in DROPIN:
+        dropin = getattr(optim, name)(model_params, **hyper)
+    elif name in COMBINED_RULES:
+        dropin = optim.from_rule(model_params, rule)
+    else:
+        dropin = None
     stepper_params = [nn.Parameter(p.clone(), requires_grad=not f) for p, f in zip(start, frozen)]
     stepper = Stepper(rule, stepper_params, compile=False)
     skipped_any = False
@@ -130,9 +140,9 @@ def test_invariant_skip_rule_matches_torch_optim(data, shapes, seed):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("name", CRITICAL_RULES)
 @sees_admissions_and_refusals(MIN_DECIDING_SHARE)
 @given(
-    name=st.sampled_from(CRITICAL_RULES),
     data=st.data(),
     shapes=shape_lists(min_leaves=2, max_leaves=5),
     seed=st.integers(0, 2**31 - 1),
@@ -140,12 +150,12 @@ def test_invariant_skip_rule_matches_torch_optim(data, shapes, seed):
 )
 def test_invariant_nonfinite_gradient_never_makes_a_nonfinite_key(name, data, shapes, seed, synced):
     """Invariant "a non-finite gradient never produces a non-finite key; the healthy tensors
-    follow the run in which the bad tensor had no gradient for the buffer" (SPEC 2.6), for every
-    critical rule: one tensor's gradient holds a NaN or +-inf at some steps; every key stays
-    finite, each left-out tensor is counted in ``nonfinite``, and the decisions, keys and healthy
-    tensors' parameters and slots match the run where that tensor had a None gradient at those
-    steps. The reference run's full-buffer decisions count towards "sees both admissions and
-    refusals"."""
+    follow the run in which the bad tensor had no gradient for the buffer" (SPEC 2.6), for each
+    critical rule by name, the combined "<Base>+buffer" ones included: one tensor's gradient
+    holds a NaN or +-inf at some steps; every key stays finite, each left-out tensor is counted
+    in ``nonfinite``, and the decisions, keys and healthy tensors' parameters and slots match the
+    run where that tensor had a None gradient at those steps. The reference run's full-buffer
+    decisions count towards "sees both admissions and refusals"."""
     stream = data.draw(grad_streams(len(shapes), min_steps=3, max_steps=10, allow_none=False, walk=True, leaf_scales=True))
     sized = [i for i, s in enumerate(shapes) if math.prod(s) > 0]
     assume(sized)
