@@ -1,7 +1,9 @@
 """SPEC.md invariants "Rules are pure" and "Saving state mid-run and resuming gives a bit-identical
-continuation", for every rule in ``rules.RULES`` with hypothesis-drawn hyperparameters
-(critical rules with and without a buffer), pytrees, gradient streams with None leaves, and
-per-step overrides passed as Python floats or 0-d tensors.
+continuation", for every rule in ``rules.RULES`` and for the critical buffer over AdEMAMix, AdamW
+and RMSprop built with ``rules.with_critical_buffer`` (SPEC.md 8.3; ``strategies.COMBINED_RULES``,
+"<Base>+buffer"), with hypothesis-drawn hyperparameters (critical rules with and without a
+buffer), pytrees, gradient streams with None leaves, and per-step overrides passed as Python
+floats or 0-d tensors.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from hypothesis import strategies as st
 
 from memopt_func import rules
 from harness import assert_bit_identical, clone, make_rule, run_stream, tensors_with_paths
-from strategies import ALL_RULES, flat, grad_streams, per_step_overrides, rule_hypers, trees
+from strategies import ALL_RULES, COMBINED_RULES, flat, grad_streams, per_step_overrides, rule_hypers, trees
+
+# the named rules and the combined ones ("AdEMAMix+buffer", ...: SPEC.md 8.3)
+PURE_RULES = ALL_RULES + COMBINED_RULES
 
 
 @st.composite
@@ -33,7 +38,7 @@ def any_cases(draw, name: str, max_steps: int = 10):
     return hyper, tree, stream
 
 
-@pytest.mark.parametrize("name", ALL_RULES)
+@pytest.mark.parametrize("name", PURE_RULES)
 @given(data=st.data())
 def test_invariant_purity_inputs_never_mutated_and_outputs_deterministic(name, data):
     """Invariant "rules are pure: inputs are never mutated; the same inputs give bit-identical
@@ -70,7 +75,7 @@ def _save_load(obj):
     return torch.load(blob, weights_only=True)
 
 
-@pytest.mark.parametrize("name", ALL_RULES)
+@pytest.mark.parametrize("name", PURE_RULES)
 @given(data=st.data())
 def test_invariant_resume_equivalence_save_load_bit_identical(name, data):
     """Invariant "saving state mid-run and resuming gives a bit-identical continuation".
@@ -100,10 +105,11 @@ def test_invariant_resume_equivalence_save_load_bit_identical(name, data):
 def test_invariant_resume_equivalence_state_loads_with_plain_weights_only():
     """Invariant "saving state mid-run and resuming", the loading half: every rule's state saved
     with torch.save loads with plain ``torch.load(..., weights_only=True)`` (torch's default since
-    2.6) without the caller allow-listing memopt_func.rules' state classes."""
+    2.6) without the caller allow-listing memopt_func.rules' state classes; so does the state of
+    a critical buffer over AdEMAMix, AdamW and RMSprop (``with_critical_buffer``, SPEC.md 8.3)."""
     refused = {}
-    for name, cls in rules.RULES.items():
-        rule = cls()
+    for name in (*rules.RULES, *COMBINED_RULES):
+        rule = make_rule(name, {})
         params = {"w": torch.randn(3, 2), "b": torch.randn(2)}
         state = rule.step(params, {"w": torch.randn(3, 2), "b": torch.randn(2)}, rule.init(params))[1]
         try:
@@ -115,7 +121,7 @@ def test_invariant_resume_equivalence_state_loads_with_plain_weights_only():
     assert not refused, f"torch.load(weights_only=True) refuses the state of {sorted(refused)}: {refused}"
 
 
-@pytest.mark.parametrize("name", ALL_RULES)
+@pytest.mark.parametrize("name", PURE_RULES)
 @given(data=st.data())
 def test_step_keeps_tree_structure_dtypes_and_shapes(name, data):
     """Not a SPEC invariant by name, but what the others lean on: new params have the params'
