@@ -1,7 +1,8 @@
 """SPEC.md section 8.2, as a property: under ``torch.func.vmap`` over a leading member dimension,
 every rule steps each member exactly as if alone (``foreach=False``), bitwise in float64, for
-random trees, hyperparameters (synced and per-tensor buffers, the combinator over AdEMAMix,
-AdamW and RMSprop) and per-member gradient streams."""
+random trees, hyperparameters (synced and per-tensor buffers; the critical buffer over AdEMAMix,
+AdamW and RMSprop made by ``rules.with_critical_buffer``, SPEC.md 8.3, named "<Base>+buffer" as in
+``strategies.COMBINED_RULES``) and per-member gradient streams."""
 
 from __future__ import annotations
 
@@ -11,33 +12,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.func import vmap
 
-from memopt_func import rules
-from strategies import ALL_RULES, rule_hypers, trees
+from harness import make_rule
+from strategies import ALL_RULES, COMBINED_RULES, CRITICAL_RULES, rule_hypers, trees
 
-CRITICAL = ("Adam_C", "RMSprop_C", "SGD_C", "Adam_CM")
 MEMBERS = 3
 
 
 def _rule(name: str, hyper: dict, **extra):
-    if name in ("AdEMAMix_C", "AdamW_C"):
-        base = rules.RULES[name[:-2]]
-        names = {h.name for h in base.HYPERS}
-        crit = {k: v for k, v in hyper.items() if k not in names}
-        return rules.with_critical_buffer(base(**{k: v for k, v in hyper.items() if k in names}, **extra), **crit)
-    return rules.RULES[name](**hyper, **extra)
+    return make_rule(name, {**hyper, **extra})
 
 
 @st.composite
 def cases(draw):
-    name = draw(st.sampled_from(ALL_RULES + ("AdEMAMix_C", "AdamW_C")))
-    if name in ("AdEMAMix_C", "AdamW_C"):
-        base = draw(rule_hypers(name[:-2]))
-        crit = draw(rule_hypers("Adam_C", buffer=True, deciding=True))
-        hyper = {**base, **{k: crit[k] for k in ("topC", "kappa", "decay", "synced", "aggr", "critical_test", "seed")}}
-    else:
-        # kappa == 0 or topC == 0 keeps ``critical=None``, which vmap cannot return: such a rule
-        # is its base rule, which is drawn on its own
-        hyper = draw(rule_hypers(name, deciding=True, **({"buffer": True} if name in CRITICAL else {})))
+    name = draw(st.sampled_from(ALL_RULES + COMBINED_RULES))
+    # kappa == 0 or topC == 0 keeps ``critical=None``, which vmap cannot return: such a rule
+    # is its base rule, which is drawn on its own
+    hyper = draw(rule_hypers(name, deciding=True, **({"buffer": True} if name in CRITICAL_RULES else {})))
     hyper.pop("buffer_dtype", None)
     tree = draw(trees(min_leaves=1, max_leaves=4, low_precision=False, mixed=False))
     steps = draw(st.integers(2, 8))
