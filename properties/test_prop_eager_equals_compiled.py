@@ -6,7 +6,10 @@ as ``[count, numel]`` blocks for the priority) is checked on its own with ``comp
 where examples are cheap. Both draw what makes a synced critical buffer decide: decays near 1,
 gradient scales that grow and shrink, per-tensor scale patterns that change from step to step
 (so a sum of norms and a norm of the sum rank steps differently), and trees with runs of
-equal-sized tensors. CUDA-graph replay is checked in tests/test_compiled.py where CUDA exists.
+equal-sized tensors. The critical rules drawn include the buffer over AdEMAMix, AdamW and
+RMSprop made by ``rules.with_critical_buffer`` (SPEC.md 8.3; "<Base>+buffer", as in
+``strategies.COMBINED_RULES``). CUDA-graph replay is checked in tests/test_compiled.py where CUDA
+exists.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ import torch.utils._pytree as pytree
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from harness import ADMISSIONS, full_buffer_choices, sees_admissions_and_refusals
+from harness import ADMISSIONS, full_buffer_choices, make_rule, sees_admissions_and_refusals
 from memopt_func.compiled import Stepper
 from memopt_func import rules
-from strategies import deciding_decays, flat, grad_streams, shape_lists, trees
+from strategies import COMBINED_BASE, CRITICAL_RULES, deciding_decays, flat, grad_streams, shape_lists, trees
 
-CRITICAL = ["Adam_C", "RMSprop_C", "SGD_C", "Adam_CM"]
+# the package's critical rules and the combined ones (AdEMAMix+buffer, AdamW+buffer, RMSprop+buffer)
+CRITICAL = list(CRITICAL_RULES)
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 
 
@@ -39,9 +43,10 @@ def rule_configs(draw, *, critical_only: bool = False):
             aggr=draw(st.sampled_from(["sum", "mean", "buffer"])),
             critical_test=draw(st.sampled_from([0.0, 0.0, 0.3])),
         )
-    if name == "AdEMAMix":
+    base = COMBINED_BASE.get(name, name)
+    if base == "AdEMAMix":
         hyper.update(beta3_warmup=draw(st.sampled_from([None, 2, 4])), alpha_warmup=draw(st.sampled_from([None, 3])))
-    if name in ("SGD", "SGD_C", "RMSprop", "RMSprop_C"):
+    if base in ("SGD", "SGD_C", "RMSprop", "RMSprop_C"):
         hyper["momentum"] = draw(st.sampled_from([0.0, 0.9]))
     return name, hyper
 
@@ -106,7 +111,7 @@ def test_invariant_eager_equals_compiled(case):
     full and warmup -> steady, with the learning rate changing every step; a critical buffer
     takes the same decisions (admission counts, keys to rounding)."""
     (name, hyper), shapes, seed, stream = case
-    rule = rules.RULES[name](**hyper)
+    rule = make_rule(name, hyper)
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=gen) for s in shapes]
     eager_params, eager_state = [p.clone() for p in params], rule.init(params)
@@ -143,7 +148,7 @@ def test_invariant_eager_equals_flat_stepper(case):
     runs) agrees with the eager rule on separate leaves: the same admissions, keys to rounding,
     parameters to 1e-6 (float32) / 1e-12 (float64) of their scale, per-step lr."""
     (name, hyper), tree, stream = case
-    rule = rules.RULES[name](**hyper)
+    rule = make_rule(name, hyper)
     params = tree.build()
     start, spec = flat(params)
     eager_params, eager_state = params, rule.init(params)
