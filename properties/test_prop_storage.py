@@ -5,7 +5,8 @@
   one), so the error per element is bounded by its block's code spacing there;
 * a save / ``torch.load(weights_only=True)`` / load resume is bit-identical for every storage setting;
 * the reductions hold with the same storage on both sides (kappa=0 with int8 state is the base
-  rule with int8 state);
+  rule with int8 state), for the package's critical rules and for the buffer over AdEMAMix, AdamW
+  and RMSprop made by ``rules.with_critical_buffer`` (SPEC.md 8.3, "<Base>+buffer");
 * eager == compiled for every storage setting (few examples: each compiles a step).
 """
 
@@ -22,11 +23,12 @@ from torch import nn
 from memopt_func import optim, rules
 from memopt_func import storage as S
 from memopt_func.compiled import Stepper
-from strategies import grad_streams, shape_lists
+from harness import make_rule
+from strategies import COMBINED_BASE, grad_streams, shape_lists
 
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 DROPIN = ("Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix")
-REDUCTIONS = {"Adam_CM": "AdamW", "Adam_C": "Adam", "RMSprop_C": "RMSprop", "SGD_C": "SGD"}
+REDUCTIONS = {"Adam_CM": "AdamW", "Adam_C": "Adam", "RMSprop_C": "RMSprop", "SGD_C": "SGD", **COMBINED_BASE}
 
 
 def _spanning(seed: int, n: int, decades: tuple[float, float], dtype=torch.float32, signed=True) -> torch.Tensor:
@@ -48,7 +50,7 @@ def storage_settings(draw, name: str):
         hyper["buffer_dtype"] = draw(st.sampled_from([None, torch.bfloat16, torch.int8]))
         hyper["topC"] = draw(st.integers(1, 3))
         hyper["decay"] = draw(st.sampled_from([0.5, 0.9]))
-    if name in ("SGD_C", "RMSprop_C", "SGD", "RMSprop"):
+    if name in ("SGD_C", "RMSprop_C", "SGD", "RMSprop", "RMSprop+buffer"):
         hyper["momentum"] = draw(st.sampled_from([0.0, 0.9]))
     if name in ("SGD_C", "SGD"):
         hyper["lr"] = 1e-2
@@ -180,11 +182,13 @@ def test_invariant_storage_resume_is_bit_identical(name, data, seed):
 
 @given(name=st.sampled_from(sorted(REDUCTIONS)), data=st.data(), seed=st.integers(0, 2**31 - 1))
 def test_invariant_reductions_hold_with_the_same_storage(name, data, seed):
-    """kappa=0 with low-precision state is the base rule with the same state storage, bit for bit."""
+    """Invariant "the reductions hold with the same storage on both sides": kappa=0 with
+    low-precision state is the base rule with the same state storage, bit for bit (the package's
+    critical rules and "<Base>+buffer", SPEC 8.3)."""
     hyper = data.draw(storage_settings(name))
     shapes = _sizes(data.draw)
     stream = data.draw(grad_streams(len(shapes), min_steps=1, max_steps=5))
-    ours = rules.RULES[name](kappa=0.0, **hyper)
+    ours = make_rule(name, {"kappa": 0.0, **hyper})
     base = rules.RULES[REDUCTIONS[name]]
     theirs = base(**{h.name: ours.hyper[h.name] for h in base.HYPERS if h.name in ours.hyper})
     start = [p.detach() for p in _model(shapes, seed)]
