@@ -312,7 +312,7 @@ class Storage:
                 out = round_float(new, old.dtype, u)
             return old.copy_(out) if donate else out
 
-        stored_state = _map_pairs(new_state, state, entry)
+        stored_state = _stored_sums(_map_pairs(new_state, state, entry), idx, donate)
         out_params = []
         for j, i in enumerate(idx):
             new, old = new_params[j], params[j]
@@ -369,6 +369,27 @@ def _exact_sums(state: NamedTuple, idx: Sequence[int]) -> NamedTuple:
         if sums[i].dtype != torch.float64:
             filled = crit.count[0] if synced else crit.count[i]
             sums[i] = slot_sum(crit.buf[i], filled, top_c, torch.float64)
+    return state._replace(critical=crit._replace(buf_sum=tuple(sums)))
+
+
+def _stored_sums(state: NamedTuple, idx: Sequence[int], donate: bool) -> NamedTuple:
+    """The state with each 8-bit buffer's stored buf_sum equal to the sum of its stored slots
+    (the step's own sum has the written value before it was quantized)."""
+    crit = getattr(state, "critical", None)
+    if crit is None or not any(isinstance(b, Quantized) for b in crit.buf):
+        return state
+    from .critical_buffer import slot_sum
+
+    top_c = crit.keys.shape[1]
+    synced = crit.keys.shape[0] == 1
+    sums = list(crit.buf_sum)
+    for i in idx:
+        b = crit.buf[i]
+        if isinstance(b, Quantized):
+            slots = dequantize(b, "signed", (top_c, *sums[i].shape), torch.float64, lead=1)
+            filled = crit.count[0] if synced else crit.count[i]
+            total = slot_sum(slots, filled, top_c, torch.float64).to(sums[i].dtype)
+            sums[i] = sums[i].copy_(total) if donate else total
     return state._replace(critical=crit._replace(buf_sum=tuple(sums)))
 
 

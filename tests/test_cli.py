@@ -33,7 +33,7 @@ def exit_code(*argv: str) -> int:
 def test_top_level_help_lists_subcommands(capsys):
     assert exit_code("--help") == 0
     out = capsys.readouterr().out
-    for cmd in ("lm", "demo", "surfaces", "bench"):
+    for cmd in ("lm", "demo", "surfaces", "bench", "memory"):
         assert cmd in out
 
 
@@ -236,3 +236,32 @@ def test_bench_end_to_end(tmp_path, capsys):
     assert set(cells) == {("Adam", 100), ("Adam", 1000), ("Adam_C", 100), ("Adam_C", 1000)}
     # Adam_C keeps topC=10 buffered gradients besides Adam's two moments.
     assert cells[("Adam_C", 1000)]["state_bytes"] > 10 * cells[("Adam", 1000)]["state_bytes"] / 2
+
+
+def test_memory_end_to_end(tmp_path, capsys):
+    """memopt-func memory measures state bytes from state_dict; 8-bit storage meets the targets."""
+    out = tmp_path / "memory"
+    assert run_cli("memory", "--optimizers", "AdamW,Adam_CM", "--params", "1e9", "--out", out) == 0
+    text = capsys.readouterr().out
+    for word in ("B/param", "GB at", "torchao AdamW8bit", "int8", "bf16"):
+        assert word in text
+    rows = {(r["optimizer"], r["storage"]): float(r["bytes_per_param"]) for r in csv.DictReader((out / "memory.csv").open())}
+    assert rows[("AdamW", "fp32")] == pytest.approx(8.0, abs=0.01)
+    assert rows[("AdamW", "bf16")] == pytest.approx(4.0, abs=0.01)
+    assert rows[("AdamW", "int8")] <= 2.2 and rows[("Adam_CM", "int8")] <= 12.5
+    assert (out / "memory.png").stat().st_size > 0
+
+
+def test_memory_rejects_an_unknown_storage(capsys):
+    assert exit_code("memory", "--storage", "fp32,int4", "--out", "unused") == 2
+    assert "int4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("storage", ["bf16", "int8"])
+def test_demo_with_narrow_state_storage(storage, tmp_path, capsys):
+    out = tmp_path / storage
+    assert run_cli("demo", *TINY_DEMO, "--optimizers", "AdamW,Adam_CM", "--storage", storage, "--out", out) == 0
+    assert "!" not in capsys.readouterr().out  # no optimizer failed
+    rows = {r["optimizer"]: r for r in csv.DictReader((out / "results.csv").open())}
+    if storage == "bf16":  # this package's AdamW rule with bf16 state (the demo's tensors are too small for int8)
+        assert float(rows["AdamW"]["state B/param"]) < 8.0

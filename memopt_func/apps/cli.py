@@ -317,7 +317,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 def _add_storage(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--storage", choices=list(catalog.STORAGE), default="fp32",
+        "--storage", "--state-dtype", dest="storage", choices=list(catalog.STORAGE), default="fp32",
         help="optimizer state storage: fp32 (default), bf16 or int8 (state_dtype and buffer_dtype; stochastic "
         "rounding); AdamW/Adam then run as this package's rules of that name",
     )
