@@ -6,8 +6,9 @@ snapshots its first moment ``m`` and second moment ``v`` at several steps. For e
 
 * ``m``: the relative L2 error of the dequantized first moment;
 * ``v``: the relative L2 error of the Adam direction ``m / (sqrt(v) + eps)`` computed with the
-  dequantized ``v`` (what the second moment is for), and the fraction of non-zero ``v`` that
-  became zero (each of those divides by eps instead of sqrt(v): a step up to 1e8 times too big);
+  dequantized ``v`` (what the second moment is for); the code keeps a non-zero ``v`` off code 0
+  (one that became zero would divide by eps instead of sqrt(v): a step up to 1e8 times too big),
+  and the "unguarded" columns show the error and the share of zeroed ``v`` without that guard;
 * bytes per element (one code byte plus the block's float32 absmax).
 
 Run: ``python bench/int8_codes.py`` (about a minute on a laptop CPU).
@@ -43,9 +44,10 @@ def snapshots(steps=(10, 100, 400), seed=0):
     return out
 
 
-def measure(snaps, kind, power, block):
+def measure(snaps, kind, power, block, keep_nonzero=True):
     old = S.BLOCK[kind], S.POWER[kind]
     S.BLOCK[kind], S.POWER[kind] = block, power
+    S._KEEP_NONZERO = keep_nonzero
     try:
         errs, zeroed, nonzero = [], 0, 0
         for _, m, v in snaps:
@@ -62,16 +64,18 @@ def measure(snaps, kind, power, block):
         return max(errs), (zeroed / nonzero if nonzero else 0.0)
     finally:
         S.BLOCK[kind], S.POWER[kind] = old
+        S._KEEP_NONZERO = True
 
 
 def main():
     snaps = snapshots()
-    print(f"{'kind':7} {'power':>5} {'block':>6} {'B/elem':>7} {'max rel err':>12} {'v zeroed':>9}")
+    print(f"{'kind':7} {'power':>5} {'block':>6} {'B/elem':>7} {'max rel err':>12} {'unguarded err':>14} {'v zeroed unguarded':>19}")
     for kind in ("signed", "square"):
         for power in (1.0, 2.0, 3.0, 4.0):
             for block in (64, 256, 2048):
-                err, zeroed = measure(snaps, kind, power, block)
-                print(f"{kind:7} {power:5.0f} {block:6d} {1 + 4 / block:7.3f} {err:12.4f} {zeroed:9.2e}")
+                err, _ = measure(snaps, kind, power, block)
+                raw, zeroed = measure(snaps, kind, power, block, keep_nonzero=False)
+                print(f"{kind:7} {power:5.0f} {block:6d} {1 + 4 / block:7.3f} {err:12.4f} {raw:14.4f} {zeroed:19.2e}")
 
 
 if __name__ == "__main__":

@@ -29,12 +29,13 @@ than ``MIN_QUANTIZED`` elements gain too little to be worth the error and stay a
 
 from __future__ import annotations
 
+import types
 from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-from ._counter_hash import uniform
+from ._counter_hash import _mix32, _mix32_int
 
 FLOAT_STORAGE = (torch.float32, torch.bfloat16, torch.float16)
 ROUNDINGS = ("stochastic", "nearest")
@@ -58,6 +59,7 @@ BLOCK = {"signed": 256, "square": 256}
 POWER = {"signed": 2.0, "square": 4.0}
 _LEVELS = {"signed": 127, "square": 255}
 _CODE_DTYPE = {"signed": torch.int8, "square": torch.uint8}
+_KEEP_NONZERO = True  # bench/int8_codes.py turns it off to show what it prevents
 
 
 class Quantized(NamedTuple):
@@ -91,12 +93,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------- rounding
 
 
+def _salt(seed: int) -> int:
+    return _mix32_int(seed & 0xFFFFFFFF) ^ _mix32_int((seed >> 32) & 0xFFFFFFFF ^ 0x9E3779B9)
+
+
+def _stream(step: Tensor, field: str, position: int) -> Tensor:
+    return (step.to(torch.int64) * 0x9E3779B1 + (position * 64 + _FIELD_ID[field]) * 0x85EBCA77) & 0xFFFFFFFF
+
+
+def _draw(x: Tensor, salt: Tensor | int, stream: Tensor) -> Tensor:
+    """``uniform`` over x's elements, their index as the counter (see ``_counter_hash``)."""
+    counter = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+    h = _mix32((counter & 0xFFFFFFFF) ^ salt)
+    h = _mix32(h ^ stream)
+    return h.double() * (1.0 / 2**32)
+
+
 def random_uniform(x: Tensor, seed: int, step: Tensor, field: str, position: int) -> Tensor:
     """u in [0, 1) per element of x: the hash of (seed, the element's index in its tensor, the
     tensor's step, the field, the tensor's position among the tensors stepped)."""
-    counter = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
-    stream = (step.to(torch.int64) * 0x9E3779B1 + (position * 64 + _FIELD_ID[field]) * 0x85EBCA77) & 0xFFFFFFFF
-    return uniform(seed, counter, stream)
+    return _draw(x, _salt(seed), _stream(step, field, position))
 
 
 def round_float(x: Tensor, dtype: torch.dtype, u: Tensor | None) -> Tensor:
@@ -124,6 +140,29 @@ def round_float(x: Tensor, dtype: torch.dtype, u: Tensor | None) -> Tensor:
 # ---------------------------------------------------------------- 8-bit codes
 
 
+def _power(x: Tensor, k: float) -> Tensor:
+    """x ** k, by multiplication for the powers the codes use (pow costs a log and an exp)."""
+    if k == 1:
+        return x
+    if k == 2:
+        return x * x
+    if k == 4:
+        x2 = x * x
+        return x2 * x2
+    return x.pow(k)
+
+
+def _root(x: Tensor, k: float) -> Tensor:
+    """x ** (1 / k) for x >= 0."""
+    if k == 1:
+        return x
+    if k == 2:
+        return x.sqrt()
+    if k == 4:
+        return x.sqrt().sqrt()
+    return x.pow(1.0 / k)
+
+
 def _blocks(x: Tensor, block: int) -> Tensor:
     """x flattened per leading row and zero-padded to whole blocks: ``[*lead, blocks, block]``."""
     lead = x.shape[:-1]
@@ -143,17 +182,17 @@ def quantize(x: Tensor, kind: str, u: Tensor | None, lead: int = 0) -> Quantized
     xb = _blocks(flat, block)
     absmax = xb.abs().amax(dim=-1)
     y = (xb.abs() / absmax.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).clamp(max=1.0)
-    t = y.pow(1.0 / power) * levels
+    t = _root(y, power) * levels
     lo = t.floor().clamp(max=levels - 1)
-    d_lo = (lo / levels).pow(power)
-    d_hi = ((lo + 1) / levels).pow(power)
+    d_lo = _power(lo / levels, power)
+    d_hi = _power((lo + 1) / levels, power)
     p = (y - d_lo) / (d_hi - d_lo)
     if u is None:
         up = p > 0.5
     else:
         up = _blocks(u.to(torch.float32).reshape(flat.shape), block) < p
     q = lo + up.to(lo.dtype)
-    if kind == "square":  # a non-zero second moment never becomes 0 (its step would divide by eps)
+    if kind == "square" and _KEEP_NONZERO:  # a non-zero second moment never becomes 0 (its step would divide by eps)
         q = torch.where(xb > 0, q.clamp(min=1), q)
     if kind == "signed":
         q = torch.where(xb < 0, -q, q)
@@ -166,7 +205,7 @@ def dequantize(q: Quantized, kind: str, shape: Sequence[int], dtype: torch.dtype
     block, power, levels = BLOCK[kind], POWER[kind], _LEVELS[kind]
     c = q.codes.to(torch.float32)
     c = c.view(*c.shape[:-1], -1, block)
-    mag = (c.abs() / levels).pow(power) * q.absmax[..., None]
+    mag = _power(c.abs() / levels, power) * q.absmax[..., None]
     values = torch.where(c < 0, -mag, mag).reshape(*c.shape[:-2], -1)
     numel = 1
     for s in shape[lead:]:
@@ -196,6 +235,113 @@ def fits(entry: Any, p: Tensor, lead: int) -> bool:
         want_codes, want_absmax = quantized_shape((*entry.codes.shape[:lead], *p.shape), kind, lead)
         return tuple(entry.codes.shape) == want_codes and tuple(entry.absmax.shape) == want_absmax
     return isinstance(entry, Tensor) and tuple(entry.shape[lead:]) == tuple(p.shape)
+
+
+# ---------------------------------------------------------------- fused kernels
+#
+# Stochastic rounding draws its bits from a hash of some twenty integer passes over the tensor;
+# run op by op (an eager step) that costs more than the step itself. Outside a compiled region
+# these kernels run through torch.compile (one fused pass each; shapes dynamic, so each kernel
+# compiles once per dtype), and op by op where that cannot be: under a torch.func transform,
+# when autograd records the step, or when no compiler works here.
+
+
+def _k_round(x: Tensor, salt: Tensor, stream: Tensor, dtype: torch.dtype) -> Tensor:
+    return round_float(x, dtype, _draw(x, salt, stream))
+
+
+def _k_quantize(x: Tensor, salt: Tensor, stream: Tensor, kind: str) -> Quantized:
+    return quantize(x, kind, _draw(x, salt, stream))
+
+
+def _k_dequantize(codes: Tensor, absmax: Tensor, kind: str, dtype: torch.dtype) -> Tensor:
+    """The values of every code, padding included: ``[rows, blocks * BLOCK]``."""
+    return dequantize(Quantized(codes, absmax), kind, codes.shape, dtype, lead=1)
+
+
+#: Tensors with at least this many elements run their rounding through the fused kernels.
+FUSE_MIN = 1 << 14
+_COMPILED: dict[tuple, Any] = {}
+_EAGER_ONLY: list[bool] = []  # set once a compile failed: every kernel then runs op by op
+
+
+def _kernel(fn, key: tuple, *tensors: Tensor):
+    """fn compiled once per key, or fn itself where compiling cannot or should not happen."""
+    if _EAGER_ONLY or torch.compiler.is_compiling() or torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return fn
+    if tensors[0].numel() < FUSE_MIN:  # op by op costs little here, and a compile would cost more
+        return fn
+    if any(_wrapped(t) for t in tensors) or tensors[0].device.type == "meta":
+        return fn
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        # a private code object per key: Dynamo caches graphs per code object, and one shared by
+        # every kind and dtype would reach its recompile limit
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_COMPILED)}")
+        own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+        compiled = _COMPILED[key] = torch.compile(own, dynamic=True, fullgraph=True)
+    return compiled
+
+
+def _wrapped(t: Tensor) -> bool:
+    try:
+        return torch._C._functorch.is_functorch_wrapped_tensor(t)
+    except AttributeError:
+        return False
+
+
+def _run(fn, key: tuple, *args):
+    kernel = _kernel(fn, key, *(a for a in args if isinstance(a, Tensor)))
+    if kernel is fn:
+        return fn(*args)
+    try:
+        with torch.no_grad():  # storage is not differentiated (inputs that need grad run op by op)
+            return kernel(*args)
+    except Exception as e:  # noqa: BLE001 - no working compiler here: fall back for good
+        if not _EAGER_ONLY:
+            import warnings
+
+            warnings.warn(
+                f"memopt_func.storage: compiling the rounding kernels failed ({type(e).__name__}: {e}); "
+                "they run op by op from now on (same numbers, slower eager steps)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _EAGER_ONLY.append(True)
+        return fn(*args)
+
+
+def store_float(x: Tensor, dtype: torch.dtype, seed: int, step: Tensor, field: str, position: int, stochastic: bool) -> Tensor:
+    """x in the narrower float dtype: stochastically rounded with the hash's bits, or to nearest."""
+    if not stochastic:
+        return x.to(dtype)
+    flat = x.reshape(-1)
+    salt = torch.tensor(_salt(seed), dtype=torch.int64, device=x.device)
+    out = _run(_k_round, ("round", x.dtype, dtype), flat, salt, _stream(step, field, position).to(x.device), dtype)
+    return out.view(x.shape)
+
+
+def store_codes(x: Tensor, kind: str, seed: int, step: Tensor, field: str, position: int, stochastic: bool) -> Quantized:
+    """x in 8-bit codes (one tensor's blocks), rounded stochastically with the hash's bits or to nearest."""
+    flat = x.reshape(-1)
+    if not stochastic:
+        return _run(quantize, ("quantize", x.dtype, kind), flat, kind, None)
+    salt = torch.tensor(_salt(seed), dtype=torch.int64, device=x.device)
+    return _run(_k_quantize, ("quantize-sr", x.dtype, kind), flat, salt, _stream(step, field, position).to(x.device), kind)
+
+
+def load_codes(q: Quantized, kind: str, shape: Sequence[int], dtype: torch.dtype, lead: int = 0) -> Tensor:
+    """``dequantize`` through a fused kernel."""
+    head = tuple(shape[:lead])
+    rows = 1
+    for n in head:
+        rows *= n
+    numel = 1
+    for n in shape[lead:]:
+        numel *= n
+    codes, absmax = q.codes.reshape(rows, -1), q.absmax.reshape(rows, -1)
+    out = _run(_k_dequantize, ("dequantize", kind, dtype), codes, absmax, kind, dtype)
+    return out[:, :numel].reshape(shape)
 
 
 # ---------------------------------------------------------------- the state
@@ -276,8 +422,8 @@ class Storage:
             if isinstance(v, Quantized):
                 shape = params[where[i]].shape
                 if name == "buf":
-                    return dequantize(v, "signed", (v.codes.shape[0], *shape), d, lead=1)
-                return dequantize(v, MOMENTS[name], shape, d)
+                    return load_codes(v, "signed", (v.codes.shape[0], *shape), d, lead=1)
+                return load_codes(v, MOMENTS[name], shape, d)
             if name == "buf" or v.dtype == d:
                 return v
             return v.to(d)
@@ -300,16 +446,14 @@ class Storage:
                     out = _requantize_slots(old, new)
                 else:
                     kind = MOMENTS[name]
-                    u = random_uniform(new, self.seed, t, name, where[i]) if self.stochastic else None
-                    out = quantize(new, kind, u)
+                    out = store_codes(new, kind, self.seed, t, name, where[i], self.stochastic)
                 return _into(old, out) if donate else out
             if name == "buf" or new.dtype == old.dtype:
                 return new  # not narrowed: the update wrote it as the rule does (in place when donated)
             if name == "buf_sum":  # an 8-bit buffer's sum, recomputed from its slots every step
                 out = new.to(old.dtype)
             else:
-                u = random_uniform(new, self.seed, t, name, where[i]) if self.stochastic else None
-                out = round_float(new, old.dtype, u)
+                out = store_float(new, old.dtype, self.seed, t, name, where[i], self.stochastic)
             return old.copy_(out) if donate else out
 
         stored_state = _stored_sums(_map_pairs(new_state, state, entry), idx, donate)
@@ -317,8 +461,7 @@ class Storage:
         for j, i in enumerate(idx):
             new, old = new_params[j], params[j]
             if new.dtype != old.dtype:
-                u = random_uniform(new, self.seed, step[i], "params", j) if self.param_stochastic else None
-                new = round_float(new, old.dtype, u)
+                new = store_float(new, old.dtype, self.seed, step[i], "params", j, self.param_stochastic)
                 if donate:
                     new = old.copy_(new)
             out_params.append(new)
@@ -334,13 +477,26 @@ def _into(old: Quantized, new: Quantized) -> Quantized:
 def _requantize_slots(old: Quantized, new: Tensor) -> Quantized:
     """A critical buffer's slots after a step: the blocks the step changed (the written slot)
     quantized afresh, to nearest; every other block keeps its codes bit for bit."""
-    fresh = quantize(new, "signed", None, lead=1)
-    before = dequantize(old, "signed", new.shape, new.dtype, lead=1)
-    changed = _blocks((new != before).reshape(new.shape[0], -1), BLOCK["signed"]).any(dim=-1)
-    codes = torch.where(
-        changed[..., None], fresh.codes.view(*changed.shape, -1), old.codes.view(*changed.shape, -1)
-    ).reshape(old.codes.shape)
-    return Quantized(codes, torch.where(changed, fresh.absmax, old.absmax))
+    if torch.compiler.is_compiling():
+        fresh = quantize(new, "signed", None, lead=1)
+        before = dequantize(old, "signed", new.shape, new.dtype, lead=1)
+        changed = _blocks((new != before).reshape(new.shape[0], -1), BLOCK["signed"]).any(dim=-1)
+        codes = torch.where(
+            changed[..., None], fresh.codes.view(*changed.shape, -1), old.codes.view(*changed.shape, -1)
+        ).reshape(old.codes.shape)
+        return Quantized(codes, torch.where(changed, fresh.absmax, old.absmax))
+    rows = new.reshape(new.shape[0], -1)
+    out = _run(_k_requantize, ("requantize", new.dtype), rows, old.codes, old.absmax)
+    return Quantized(out[0], out[1])
+
+
+def _k_requantize(rows: Tensor, codes: Tensor, absmax: Tensor) -> tuple[Tensor, Tensor]:
+    fresh = quantize(rows, "signed", None, lead=1)
+    before = dequantize(Quantized(codes, absmax), "signed", rows.shape, rows.dtype, lead=1)
+    changed = _blocks(rows != before, BLOCK["signed"]).any(dim=-1)
+    blocks = (changed.shape[0], changed.shape[1], -1)
+    kept = torch.where(changed[..., None], fresh.codes.view(blocks), codes.view(blocks)).reshape(codes.shape)
+    return kept, torch.where(changed, fresh.absmax, absmax)
 
 
 def _critical_sums(storage: Storage, leaves: Sequence[Tensor]):
@@ -386,7 +542,7 @@ def _stored_sums(state: NamedTuple, idx: Sequence[int], donate: bool) -> NamedTu
     for i in idx:
         b = crit.buf[i]
         if isinstance(b, Quantized):
-            slots = dequantize(b, "signed", (top_c, *sums[i].shape), torch.float64, lead=1)
+            slots = load_codes(b, "signed", (top_c, *sums[i].shape), torch.float64, lead=1)
             filled = crit.count[0] if synced else crit.count[i]
             total = slot_sum(slots, filled, top_c, torch.float64).to(sums[i].dtype)
             sums[i] = sums[i].copy_(total) if donate else total
