@@ -392,12 +392,14 @@ class Storage:
 
     def _fresh_entry(self, name: str, v: Tensor, p: Tensor) -> Any:
         if name == "buf":
-            if self.buffer_int8 and quantizes(p):
+            if not self.buffer_int8:
+                return v
+            if quantizes(p):
                 codes, absmax = quantized_shape(v.shape, "signed", lead=1)
                 return Quantized(
                     torch.zeros(codes, dtype=torch.int8, device=v.device), torch.zeros(absmax, device=v.device)
                 )
-            return v
+            return v.to(p.dtype)  # too small to gain: slots as with buffer_dtype=None
         stored = self._stored(p)
         if stored == "int8":
             kind = MOMENTS[name]

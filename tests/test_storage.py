@@ -255,3 +255,22 @@ def test_fused_rounding_kernels_equal_the_op_by_op_path():
     assert (codes_a != codes_b).float().mean() < 1e-3
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["SGD_C", "RMSprop_C", "Adam_C", "Adam_CM"])
+def test_tensors_too_small_for_8bit_step_exactly_as_at_full_precision(name):
+    """Below MIN_QUANTIZED elements, int8 state and buffers stay at full precision: the run is
+    bit for bit the run without storage settings."""
+    hyper = {"momentum": 0.9} if name in ("SGD_C", "RMSprop_C") else {}
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(64, 2, generator=gen), torch.randn(64, generator=gen), torch.randn(2, 64, generator=gen)]
+    grads = [[torch.randn(p.shape, generator=gen) for p in start] for _ in range(14)]
+    runs = []
+    for storage in ({}, {"state_dtype": torch.int8, "buffer_dtype": torch.int8}):
+        rule = rules.RULES[name](lr=1e-2, topC=3, **hyper, **storage)
+        params, state = list(start), rule.init(start)
+        for g in grads:
+            params, state = rule.step(params, g, state)
+        runs.append(params)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
