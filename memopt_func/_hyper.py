@@ -43,17 +43,30 @@ def _host_value(value: float | Tensor) -> float:
     return float(value.detach().cpu()) if isinstance(value, Tensor) else value
 
 
+def _is_finite(v: float) -> bool:
+    """Comparisons, not ``math.isfinite``: under torch.compile a float that changes is symbolic,
+    and math.isfinite of it breaks the graph, while a comparison only guards."""
+    return -math.inf < v < math.inf
+
+
+def zero_switched(built_with: float, now: float) -> bool:
+    """Whether ``now`` is zero where ``built_with`` is not, or the other way round (a switch
+    that changes a state layout). Written so that it traces when ``now`` is a symbolic float
+    under torch.compile, where ``(built_with == 0) != (now == 0)`` fails."""
+    return now != 0 if built_with == 0 else now == 0
+
+
 def nonnegative(name: str, value: Any) -> float | Tensor:
     value = _number(name, value, "a number >= 0")
     v = _host_value(value)
-    if not (v >= 0.0) or math.isinf(v):
+    if not (v >= 0.0 and _is_finite(v)):
         _fail(name, v, "a finite number >= 0")
     return value
 
 
 def finite(name: str, value: Any) -> float | Tensor:
     value = _number(name, value, "a finite number")
-    if not math.isfinite(_host_value(value)):
+    if not _is_finite(_host_value(value)):
         _fail(name, _host_value(value), "a finite number")
     return value
 

@@ -55,7 +55,7 @@ class AdEMAMix(Rule):
 
     def _check_per_step(self, h):
         b1_now, b1_built = h["betas"][0], self.hyper["betas"][0]
-        if not isinstance(b1_now, Tensor) and not isinstance(b1_built, Tensor) and (b1_now == 0) != (b1_built == 0):
+        if not isinstance(b1_now, Tensor) and not isinstance(b1_built, Tensor) and H.zero_switched(b1_built, b1_now):
             raise ValueError(
                 f"invalid betas: {h['betas']!r} (AdEMAMix was built with beta1={b1_built!r}; a per-step beta1 "
                 "cannot switch between zero and non-zero, as that changes the state layout)"

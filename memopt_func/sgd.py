@@ -38,7 +38,7 @@ def check_momentum_kept(rule_name: str, built_with: float | Tensor, now: float |
     """The momentum buffer exists iff the rule was built with momentum != 0; keep it that way."""
     if isinstance(now, Tensor) or isinstance(built_with, Tensor):
         return
-    if (built_with == 0) != (now == 0):
+    if H.zero_switched(built_with, now):
         raise ValueError(
             f"invalid momentum: {now!r} ({rule_name} was built with momentum={built_with!r}; a per-step "
             "momentum cannot switch between zero and non-zero, as that changes the state layout)"
