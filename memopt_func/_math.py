@@ -122,6 +122,15 @@ def add(xs: TensorList, ys: TensorList, inplace: bool = False) -> list[Tensor]:
     return fe("add_" if inplace else "add", xs, ys)
 
 
+def add_scalar_(xs: list[Tensor], a: Scalar) -> list[Tensor]:
+    """x + a written into xs (fresh temporaries). Under torch.compile a tensor a goes in as one
+    0-d tensor per x: ``_foreach_add_(xs, a)`` with an ``a`` made in the graph (a lifted per-step
+    value, see ``_rule._lifted``) reads ``a``'s value while Dynamo traces it on a CPU, a graph break."""
+    if isinstance(a, Tensor) and torch.compiler.is_compiling():
+        a = [a] * len(xs)
+    return fe("add_", xs, _fit(xs, a))
+
+
 def axpy(ys: TensorList, a: Scalar | TensorList, xs: TensorList, inplace: bool = False) -> list[Tensor]:
     """y + a * x (``add(alpha=a)`` for a number, as torch.optim writes it)."""
     if isinstance(a, (int, float)):
@@ -178,7 +187,7 @@ def adam_denominator(vs: TensorList, b2: Scalar, t: Tensor, eps: Scalar) -> list
     bc2_sqrt = torch.sqrt(1 - b2**t)
     d = fe("sqrt", vs)  # fresh: the rest works in place on it
     d = fe("div_", d, per_leaf(bc2_sqrt, vs))
-    return fe("add_", d, _fit(d, eps))
+    return add_scalar_(d, eps)
 
 
 def adam_apply(

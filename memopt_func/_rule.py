@@ -129,7 +129,8 @@ class Rule:
         ``grads`` has the structure of ``params``; a ``None`` leaf skips that tensor (its
         parameter and own state stay as they are). ``per_step`` overrides any of
         ``dynamic_names()`` for this step only; pass 0-d tensors to keep torch.compile from
-        specialising on their values. ``donate=True`` hands ``params`` and ``state`` over to the
+        specialising on their values (a float that changes costs one recompile, after which Dynamo
+        keeps it symbolic: see ``_lifted``). ``donate=True`` hands ``params`` and ``state`` over to the
         step, which then writes them in place (same numbers, no copies): the returned params and
         state are those tensors, and the old values are gone.
         ``segments`` (one entry per leaf, or None) says that a leaf is several tensors laid end to
@@ -160,6 +161,8 @@ class Rule:
         gleaves = _tree.flatten_grads(grads, spec, leaves)
         self.check_state(state, leaves)
         h = self._resolve(per_step)
+        if per_step and leaves and torch.compiler.is_compiling():
+            h = {**h, **{name: _lifted(h[name], leaves[0].device) for name in per_step}}
         segments = _tree.check_segments(segments, leaves)
         check_chunk_numel(chunk_numel)
         idx = [i for i, g in enumerate(gleaves) if g is not None]
@@ -327,6 +330,20 @@ def _per_step_value(hyper: Hyper, value: Any) -> Any:
             raise ValueError(f"invalid {hyper.name}: a per-step tensor must have one element, got shape {tuple(v.shape)}")
     parts = tuple(v.reshape(()) if isinstance(v, Tensor) and v.dim() else v for v in parts)
     return parts if isinstance(value, (tuple, list)) else parts[0]
+
+
+def _lifted(value: Any, device: torch.device) -> Any:
+    """A checked per-step value as a traced step takes it: a non-zero Python number becomes a 0-d
+    float64 tensor on ``device``. Under torch.compile a float that changes every step (a
+    scheduler's lr) is symbolic, and Dynamo turns it into a graph input only while tensor ops read
+    it; as ``alpha=`` or a foreach scalar it would be made a constant again, recompiling at every
+    new value. A zero stays a number: the rules take cheaper forms for it, and the drop-ins' state
+    layout keys on it."""
+    if isinstance(value, tuple):
+        return tuple(_lifted(v, device) for v in value)
+    if isinstance(value, Tensor) or value == 0:
+        return value
+    return torch.zeros((), dtype=torch.float64, device=device) + value  # torch.tensor(value) would be a constant
 
 
 def new_steps(leaves: list[Tensor]) -> Tensor:

@@ -61,7 +61,7 @@ def rmsprop_update(params, grads, state: RMSpropState, idx, h, inplace: bool = F
         avg = M.fe("sqrt_", M.fe("addcmul", sq, ga, ga, value=-1))
     else:
         avg = M.fe("sqrt", sq)
-    avg = M.fe("add_", avg, M._fit(avg, eps))  # avg is fresh: the rest works in place on it
+    avg = M.add_scalar_(avg, eps)  # avg is fresh: the rest works in place on it
     buffers = state.momentum_buffer
     if buffers:
         mb = M.scale(_tree.take(buffers, idx), h["momentum"], inplace)
