@@ -210,7 +210,17 @@ class MemoryOptimizer(torch.optim.Optimizer):
     def _store(self, group: dict[str, Any], rule: Rule, state: NamedTuple) -> None:
         """Keep a group's new rule state as per-parameter entries of ``self.state``."""
         params = group["params"]
-        for p, d in zip(params, explode(state, len(params), self._synced(rule))):
+        entries = explode(state, len(params), self._synced(rule))
+        if torch.compiler.is_compiling() and self.state.get(params[0]):
+            # written into the tensors the graph was traced with: Dynamo guards on their identity
+            # (``_init_group``), so new tensors would compile the step again. _foreach_copy_, as
+            # torch.compile drops a plain copy_ into a 0-d float64 CPU tensor (``step``)
+            pairs = [(self.state[p][k], v) for p, d in zip(params, entries) for k, v in d.items()]
+            pairs = [(dst, src) for dst, src in pairs if dst is not src]
+            if pairs:
+                torch._foreach_copy_([dst for dst, _ in pairs], [src for _, src in pairs])
+            return
+        for p, d in zip(params, entries):
             self.state[p] = d
         self._template(rule, _real(params), state)
         self._laid_out[params[0]] = (self._rule_key(group), rule, _hyper_values(group, rule))
@@ -260,6 +270,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if all(g is None for g in grads):
             return None
         views = _real(params)
+        if torch.compiler.is_compiling():
+            self._init_group(group)
         try:
             rule = self._rule(group)
             if self.state.get(params[0]):
@@ -272,6 +284,18 @@ class MemoryOptimizer(torch.optim.Optimizer):
         except ValueError as e:
             raise ValueError(f"{type(self).__name__}, param group {index}: {e}") from None
         return group, rule, prepared, state
+
+    def _init_group(self, group: dict[str, Any]) -> None:
+        """The group's rule and, before its first step, its fresh state, made outside the graph
+        under ``torch.compile(opt.step)``: Dynamo runs an optimizer's ``_init_group`` eagerly while
+        it traces (as for torch.optim's own), so the first step compiles to the same graph as every
+        later one. A bad value is left to the traced checks, which raise it."""
+        try:
+            rule = self._rule(group)
+            if not self.state.get(group["params"][0]):
+                self._store(group, rule, rule.init(_real(group["params"])))
+        except ValueError:
+            pass
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch.optim: tensors move to their parameter's device; each entry takes the dtype a
