@@ -179,10 +179,12 @@ class MemoryOptimizer(torch.optim.Optimizer):
             "(or a new param group) for it"
         )
 
-    def _template(self, rule: Rule, params: list[Tensor], state: NamedTuple | None = None) -> NamedTuple:
-        """A state of the group's structure (its values unused): the given one, else a cached one,
-        else one made on the meta device (outside any compiled region: after a load)."""
-        key = (id(rule), tuple((p.shape, p.dtype, p.device) for p in params))
+    def _template(self, group: dict[str, Any], rule: Rule, params: list[Tensor], state: NamedTuple | None = None) -> NamedTuple:
+        """A state of the structure the group's rule gives params (its values unused): the given
+        one, else a cached one, else one made on the meta device (outside any compiled region: after
+        a load). Cached by the group's rule key, not by ``id(rule)``: under torch.compile, Dynamo
+        fails on the id of a rule cached under a key that holds a dtype (``state_dtype``)."""
+        key = (self._rule_key(group), tuple((p.shape, p.dtype, p.device) for p in params))
         if state is not None:
             self._templates[key] = state
         elif key not in self._templates:
@@ -205,7 +207,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__}: parameter {i} of a param group has no state while the others do; "
                     "load a complete state_dict or start the group afresh"
                 )
-        return assemble(self._template(rule, params), dicts, self._synced(rule))
+        return assemble(self._template(group, rule, params), dicts, self._synced(rule))
 
     def _store(self, group: dict[str, Any], rule: Rule, state: NamedTuple) -> None:
         """Keep a group's new rule state as per-parameter entries of ``self.state``."""
@@ -222,7 +224,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
             return
         for p, d in zip(params, entries):
             self.state[p] = d
-        self._template(rule, _real(params), state)
+        self._template(group, rule, _real(params), state)
         self._laid_out[params[0]] = (self._rule_key(group), rule, _hyper_values(group, rule))
 
     @staticmethod
@@ -337,7 +339,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             params = group["params"]
             rule = self._rule(group)
-            wanted = explode(self._template(rule, _real(params)), len(params), self._synced(rule))
+            wanted = explode(self._template(group, rule, _real(params)), len(params), self._synced(rule))
             for p, want in zip(params, wanted):
                 pid = ids.pop(0)
                 if pid not in saved:

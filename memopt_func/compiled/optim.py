@@ -52,7 +52,7 @@ class CompiledOptimizer(MemoryOptimizer):
         chosen = [dict(dicts[i]) for i in trainable]
         if synced:  # the group's key rows live with its first parameter
             chosen[0].update({k: v for k, v in dicts[0].items() if k.startswith("critical_") and k[9:] in _ROW_FIELDS})
-        state = assemble(self._template(rule, stepped), chosen, synced)
+        state = assemble(self._template(group, rule, stepped), chosen, synced)
         stepper = Stepper(rule, stepped, state=state, flat=self._flat, cuda_graph=self._cuda_graph)
         self._steppers[index] = stepper
         for p, entry in zip(params, dicts):
