@@ -93,7 +93,8 @@ def main() -> None:
                 print(out.stderr[-2000:], file=sys.stderr)
                 continue
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"| rule | state | layout | step ms | vs fp32 | MB moved | roofline fraction |")
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # each cell as it finishes
+    print("| rule | state | layout | step ms | vs fp32 | MB moved | roofline fraction |")
     print("|---|---|---|---|---|---|---|")
     base = {r["rule"]: r["median_s"] for r in rows if r["setting"] == "fp32"}
     for r in rows:
