@@ -17,12 +17,16 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Hyper:
-    """One hyperparameter: name, default, checker, and whether it may change per step."""
+    """One hyperparameter: name, default, checker, whether it may change per step, and whether an
+    exact zero is special to the rules (another state layout, as ``momentum == 0`` keeps no
+    buffer, or a cheaper form, as ``weight_decay == 0`` skips the decay). ``lr``'s zero is not:
+    no zero test is made of it, so a compiled step does not recompile when a schedule reaches 0."""
 
     name: str
     default: Any
     check: Callable[[str, Any], Any]
     dynamic: bool = False
+    zero_is_special: bool = True
 
 
 def _fail(name: str, value: Any, must: str) -> None:
@@ -114,6 +118,12 @@ def flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         _fail(name, value, "True or False")
     return value
+
+
+def lr(default: float) -> Hyper:
+    """The learning rate: a number >= 0 (or a 0-d tensor) that may change every step, and whose
+    zero is not special."""
+    return Hyper("lr", default, nonnegative, dynamic=True, zero_is_special=False)
 
 
 def maximize() -> Hyper:

@@ -162,7 +162,8 @@ class Rule:
         self.check_state(state, leaves)
         h = self._resolve(per_step)
         if per_step and leaves and torch.compiler.is_compiling():
-            h = {**h, **{name: _lifted(h[name], leaves[0].device) for name in per_step}}
+            special = {x.name: x.zero_is_special for x in self.HYPERS}
+            h = {**h, **{name: _lifted(h[name], leaves[0].device, special[name]) for name in per_step}}
         segments = _tree.check_segments(segments, leaves)
         check_chunk_numel(chunk_numel)
         idx = [i for i, g in enumerate(gleaves) if g is not None]
@@ -332,16 +333,16 @@ def _per_step_value(hyper: Hyper, value: Any) -> Any:
     return parts if isinstance(value, (tuple, list)) else parts[0]
 
 
-def _lifted(value: Any, device: torch.device) -> Any:
-    """A checked per-step value as a traced step takes it: a non-zero Python number becomes a 0-d
-    float64 tensor on ``device``. Under torch.compile a float that changes every step (a
-    scheduler's lr) is symbolic, and Dynamo turns it into a graph input only while tensor ops read
-    it; as ``alpha=`` or a foreach scalar it would be made a constant again, recompiling at every
-    new value. A zero stays a number: the rules take cheaper forms for it, and the drop-ins' state
-    layout keys on it."""
+def _lifted(value: Any, device: torch.device, keep_zero: bool = True) -> Any:
+    """A checked per-step value as a traced step takes it: a Python number becomes a 0-d float64
+    tensor on ``device``. Under torch.compile a float that changes every step (a scheduler's lr)
+    is symbolic, and Dynamo turns it into a graph input only while tensor ops read it; as
+    ``alpha=`` or a foreach scalar it would be made a constant again, recompiling at every new
+    value. With ``keep_zero`` (``Hyper.zero_is_special``) a zero stays a number: the rules take
+    cheaper forms for it, and the drop-ins' state layout keys on it."""
     if isinstance(value, tuple):
-        return tuple(_lifted(v, device) for v in value)
-    if isinstance(value, Tensor) or value == 0:
+        return tuple(_lifted(v, device, keep_zero) for v in value)
+    if isinstance(value, Tensor) or (keep_zero and value == 0):
         return value
     return torch.zeros((), dtype=torch.float64, device=device) + value  # torch.tensor(value) would be a constant
 

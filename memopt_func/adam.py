@@ -26,7 +26,7 @@ class AdamState(NamedTuple):
 
 
 ADAM_HYPERS = (
-    H.Hyper("lr", 1e-3, H.nonnegative, dynamic=True),
+    H.lr(1e-3),
     H.Hyper("betas", (0.9, 0.999), H.betas(2), dynamic=True),
     H.Hyper("eps", 1e-8, H.nonnegative, dynamic=True),
     H.Hyper("weight_decay", 0.0, H.nonnegative, dynamic=True),

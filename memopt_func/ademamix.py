@@ -36,7 +36,7 @@ class AdEMAMix(Rule):
     """AdEMAMix, as the PyTorch reference computes it."""
 
     HYPERS = (
-        H.Hyper("lr", 1e-3, H.nonnegative, dynamic=True),
+        H.lr(1e-3),
         H.Hyper("betas", (0.9, 0.999, 0.9999), H.betas(3), dynamic=True),
         H.Hyper("alpha", 2.0, H.nonnegative),
         H.Hyper("beta3_warmup", None, H.positive_int_or_none),

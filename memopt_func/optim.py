@@ -145,7 +145,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
     def _rule(self, group: dict[str, Any]) -> Rule:
         """The group's rule, cached by what fixes the state layout: the static hyperparameters and
-        which per-step ones are exactly zero (e.g. momentum == 0 keeps no momentum buffer)."""
+        which per-step ones are exactly zero, where zero is special (e.g. momentum == 0 keeps no
+        momentum buffer; ``Hyper.zero_is_special``)."""
         key = self._rule_key(group)
         rule = self._rules.get(key)
         if rule is None:
@@ -155,7 +156,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
     def _rule_key(self, group: dict[str, Any]) -> tuple:
         return tuple(
-            (h.name, _is_python_zero(group[h.name])) if h.dynamic else (h.name, group[h.name]) for h in self.RULE.HYPERS
+            (h.name, _is_python_zero(group[h.name])) if h.dynamic else (h.name, group[h.name])
+            for h in self.RULE.HYPERS
+            if h.zero_is_special or not h.dynamic
         )
 
     def _check_layout_kept(self, group: dict[str, Any], rule: Rule, params: list[Tensor]) -> None:

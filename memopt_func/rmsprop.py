@@ -27,7 +27,7 @@ class RMSpropState(NamedTuple):
 
 
 RMSPROP_HYPERS = (
-    H.Hyper("lr", 1e-2, H.nonnegative, dynamic=True),
+    H.lr(1e-2),
     H.Hyper("alpha", 0.99, H.nonnegative, dynamic=True),
     H.Hyper("eps", 1e-8, H.nonnegative, dynamic=True),
     H.Hyper("weight_decay", 0.0, H.nonnegative, dynamic=True),

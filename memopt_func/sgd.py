@@ -23,7 +23,7 @@ class SGDState(NamedTuple):
 
 
 SGD_HYPERS = (
-    H.Hyper("lr", 1e-3, H.nonnegative, dynamic=True),
+    H.lr(1e-3),
     H.Hyper("momentum", 0.0, H.nonnegative, dynamic=True),
     H.Hyper("dampening", 0.0, H.finite, dynamic=True),
     H.Hyper("weight_decay", 0.0, H.nonnegative, dynamic=True),
