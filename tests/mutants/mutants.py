@@ -357,8 +357,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "math-no-eps", MATH,
-        "_fit(d, eps))",
-        "_fit(d, 0.0 * eps))",
+        "add_scalar_(d, eps)",
+        "add_scalar_(d, 0.0 * eps)",
         "eps dropped from the Adam denominator",
         "gap: denom adds eps",
     ),
