@@ -168,8 +168,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "cb-slot-sum-unfilled", CB,
-        "used = (torch.arange(top_c, device=buf.device) < filled).view(shape)",
-        "used = (torch.arange(top_c, device=buf.device) <= filled).view(shape)",
+        "        total = total + torch.where(filled > j, buf[j].to(dtype), 0)",
+        "        total = total + torch.where(filled >= j, buf[j].to(dtype), 0)",
         "buf_sum also sums the first unfilled slot",
         "gap: unfilled slots are never read",
     ),
@@ -401,8 +401,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "st-no-state-copy-back", STEPPER,
-        "            if dst is not src:\n                dst.copy_(src)\n",
-        "            pass\n",
+        "            elif dst is not src:\n                dst.copy_(src)\n",
+        "            elif dst is not src:\n                pass\n",
         "state tensors that the step returns fresh (keys, counters) are not copied back",
         "gap: every state tensor persists across steps",
         tests="stepper",
@@ -435,8 +435,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "st-per-tensor-when-synced", STEPPER,
-        'return "synced" in rule.hyper and not rule.hyper["synced"] and rule.hyper["kappa"] != 0 and rule.hyper["topC"] > 0',
-        'return "synced" in rule.hyper and rule.hyper["kappa"] != 0 and rule.hyper["topC"] > 0',
+        'if "synced" in rule.hyper and not rule.hyper["synced"] and rule.hyper["kappa"] != 0 and rule.hyper["topC"] > 0:',
+        'if "synced" in rule.hyper and rule.hyper["kappa"] != 0 and rule.hyper["topC"] > 0:',
         "synced critical rules never take the flat layout",
         "gap: a synced rule steps flat by default (the flat layout is what is tested)",
         tests="stepper",
