@@ -169,7 +169,7 @@ def _blocks(x: Tensor, block: int) -> Tensor:
     n = x.shape[-1]
     pad = (-n) % block
     if pad:
-        x = torch.cat([x, x.new_zeros((*lead, pad))], dim=-1)
+        x = torch.nn.functional.pad(x, (0, pad))
     return x.view(*lead, -1, block)
 
 
@@ -203,14 +203,24 @@ def quantize(x: Tensor, kind: str, u: Tensor | None, lead: int = 0) -> Quantized
 def dequantize(q: Quantized, kind: str, shape: Sequence[int], dtype: torch.dtype, lead: int = 0) -> Tensor:
     """The values of 8-bit codes, in dtype, shaped ``shape`` (the leading dims included)."""
     block, power, levels = BLOCK[kind], POWER[kind], _LEVELS[kind]
-    c = q.codes.to(torch.float32)
-    c = c.view(*c.shape[:-1], -1, block)
-    mag = _power(c.abs() / levels, power) * q.absmax[..., None]
-    values = torch.where(c < 0, -mag, mag).reshape(*c.shape[:-2], -1)
     numel = 1
     for s in shape[lead:]:
         numel *= s
-    return values[..., :numel].reshape(shape).to(dtype)
+    c = q.codes.to(torch.float32)
+
+    def values(codes: Tensor, absmax: Tensor) -> Tensor:
+        mag = _power(codes.abs() / levels, power) * absmax[..., None]
+        return torch.where(codes < 0, -mag, mag).reshape(*codes.shape[:-2], -1)
+
+    whole = numel // block
+    full = values(c[..., : whole * block].reshape(*c.shape[:-1], whole, block), q.absmax[..., :whole])
+    if whole * block < numel:
+        # the partial last block on its own: read through one flat loop over ``numel`` elements,
+        # the block index ``i // 256`` makes Inductor's CPU loop split (torch 2.13) drop the
+        # loop's last ``numel % 256`` iterations, which then read memory never written
+        rest = c[..., whole * block : numel]
+        full = torch.cat([full, values(rest[..., None, :], q.absmax[..., whole : whole + 1])], dim=-1)
+    return full.reshape(shape).to(dtype)
 
 
 def quantized_shape(shape: Sequence[int], kind: str, lead: int = 0) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -331,7 +341,9 @@ def store_codes(x: Tensor, kind: str, seed: int, step: Tensor, field: str, posit
 
 
 def load_codes(q: Quantized, kind: str, shape: Sequence[int], dtype: torch.dtype, lead: int = 0) -> Tensor:
-    """``dequantize`` through a fused kernel."""
+    """``dequantize`` through a fused kernel (inside a compiled step: inline, at the exact shape)."""
+    if torch.compiler.is_compiling():
+        return dequantize(q, kind, shape, dtype, lead)
     head = tuple(shape[:lead])
     rows = 1
     for n in head:
@@ -479,14 +491,6 @@ def _into(old: Quantized, new: Quantized) -> Quantized:
 def _requantize_slots(old: Quantized, new: Tensor) -> Quantized:
     """A critical buffer's slots after a step: the blocks the step changed (the written slot)
     quantized afresh, to nearest; every other block keeps its codes bit for bit."""
-    if torch.compiler.is_compiling():
-        fresh = quantize(new, "signed", None, lead=1)
-        before = dequantize(old, "signed", new.shape, new.dtype, lead=1)
-        changed = _blocks((new != before).reshape(new.shape[0], -1), BLOCK["signed"]).any(dim=-1)
-        codes = torch.where(
-            changed[..., None], fresh.codes.view(*changed.shape, -1), old.codes.view(*changed.shape, -1)
-        ).reshape(old.codes.shape)
-        return Quantized(codes, torch.where(changed, fresh.absmax, old.absmax))
     rows = new.reshape(new.shape[0], -1)
     out = _run(_k_requantize, ("requantize", new.dtype), rows, old.codes, old.absmax)
     return Quantized(out[0], out[1])
