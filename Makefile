@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The tested CPU build; the package itself asks for torch>=2.11 with no upper cap.
 TORCH_PIN := torch==2.13.0
+# Test processes (pytest-xdist): most of the suite's time is compiling, one core per worker.
+TEST_WORKERS ?= 2
 
 .PHONY: setup test test-thorough demo lm bench roofline wheel-check mutants clean
 
@@ -17,10 +19,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-thorough: $(STAMP)
-	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q properties
+	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q -n $(TEST_WORKERS) properties
 
 # Planted mutations (tests/mutants/mutants.py), one at a time in a temporary copy of the tree,
 # against a fast test subset: the kill rate and every survivor with its judgement (~15 minutes).
