@@ -10,7 +10,9 @@ Checks (each must pass before anything is timed):
   * no host synchronisation inside a step: ``torch.cuda.set_sync_debug_mode("error")`` around the
     replayed compiled steps and the eager drop-in's steps (CUDA only).
 Timing: every cell is the median of ``optimizer.step()`` after warm-up, the device synchronised
-around each step; ratios are to ``torch.optim.AdamW(fused=True)`` in the same run.
+around each step; ratios are to ``torch.optim.AdamW(fused=True)`` in the same run. Three rows
+step with narrower state (bf16 rounded stochastically, 8-bit), where fewer bytes should mean a
+faster step on a GPU (on the 2-core CPU they did not; see bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -34,7 +36,16 @@ FULL_SIZES = {"200 x 10k": (200, 10_000), "20 x 1M": (20, 1_000_000)}
 DRY_SIZES = {"4 x 1k": (4, 1_000)}
 MEMORY = ("AdEMAMix", "Adam_CM", "Adam_C", "SGD_C", "RMSprop_C")
 CHECKED = ("Adam_CM", "Adam_C", "AdEMAMix", "SGD_C")
+# The dry run leaves the storage rows out: the first compile of a stochastically rounded step
+# takes about 45 s on the 2-core CPU, and tests/test_storage.py compiles the same steppers.
 DRY_COMPILED = ("compiled.Adam_CM", "compiled.AdEMAMix")
+# Narrower state, where conversions cost little beside memory traffic (on the 2-core CPU they
+# made the compiled step slower: bench/RESULTS.md, "Compiled step time with narrower state").
+STORAGE = {
+    "compiled.AdEMAMix bf16-stochastic": ("AdEMAMix", dict(state_dtype=torch.bfloat16)),
+    "compiled.AdEMAMix int8": ("AdEMAMix", dict(state_dtype=torch.int8)),
+    "compiled.Adam_CM int8 (state and buffer)": ("Adam_CM", dict(state_dtype=torch.int8, buffer_dtype=torch.int8)),
+}
 
 
 def check_replay(device: torch.device, cuda_graph: bool) -> dict[str, float]:
@@ -109,6 +120,8 @@ def candidates(device: torch.device) -> dict[str, object]:
     for name in MEMORY:
         out[f"compiled.{name}"] = lambda params, name=name: getattr(compiled, name)(params, lr=1e-3)
         out[f"eager {name}"] = lambda params, name=name: getattr(optim, name)(params, lr=1e-3)
+    for label, (name, storage) in STORAGE.items():
+        out[label] = lambda params, name=name, storage=storage: getattr(compiled, name)(params, lr=1e-3, **storage)
     return out
 
 
