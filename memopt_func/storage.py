@@ -517,21 +517,29 @@ def _critical_sums(storage: Storage, leaves: Sequence[Tensor]):
     return fix
 
 
+def _sums_from_slots(crit: NamedTuple, idx: Sequence[int], slots_of) -> list[Tensor | None]:
+    """Per leaf: ``buf_sum`` summed afresh in float64 from ``slots_of(i)`` (the slots at compute
+    precision), for the leaves in idx where ``slots_of(i)`` gives slots; None elsewhere."""
+    from .critical_buffer import slot_sum
+
+    top_c = crit.keys.shape[1]
+    synced = crit.keys.shape[0] == 1
+    out: list[Tensor | None] = [None] * len(crit.buf_sum)
+    for i in idx:
+        slots = slots_of(i)
+        if slots is not None:
+            out[i] = slot_sum(slots, crit.count[0] if synced else crit.count[i], top_c, torch.float64)
+    return out
+
+
 def _exact_sums(state: NamedTuple, idx: Sequence[int]) -> NamedTuple:
     """A critical state whose decoded 8-bit slots carry a buf_sum summed afresh from them (in float64)."""
     crit = getattr(state, "critical", None)
     if crit is None or not any(s.dtype != torch.float64 for s in crit.buf_sum):
         return state
-    from .critical_buffer import slot_sum
-
-    top_c = crit.keys.shape[1]
-    synced = crit.keys.shape[0] == 1
-    sums = list(crit.buf_sum)
-    for i in idx:
-        if sums[i].dtype != torch.float64:
-            filled = crit.count[0] if synced else crit.count[i]
-            sums[i] = slot_sum(crit.buf[i], filled, top_c, torch.float64)
-    return state._replace(critical=crit._replace(buf_sum=tuple(sums)))
+    fresh = _sums_from_slots(crit, idx, lambda i: crit.buf[i] if crit.buf_sum[i].dtype != torch.float64 else None)
+    sums = tuple(old if new is None else new for old, new in zip(crit.buf_sum, fresh))
+    return state._replace(critical=crit._replace(buf_sum=sums))
 
 
 def _stored_sums(state: NamedTuple, idx: Sequence[int], donate: bool) -> NamedTuple:
@@ -540,17 +548,16 @@ def _stored_sums(state: NamedTuple, idx: Sequence[int], donate: bool) -> NamedTu
     crit = getattr(state, "critical", None)
     if crit is None or not any(isinstance(b, Quantized) for b in crit.buf):
         return state
-    from .critical_buffer import slot_sum
-
     top_c = crit.keys.shape[1]
-    synced = crit.keys.shape[0] == 1
+
+    def stored_slots(i: int) -> Tensor | None:
+        b, total = crit.buf[i], crit.buf_sum[i]
+        return load_codes(b, "signed", (top_c, *total.shape), torch.float64, lead=1) if isinstance(b, Quantized) else None
+
     sums = list(crit.buf_sum)
-    for i in idx:
-        b = crit.buf[i]
-        if isinstance(b, Quantized):
-            slots = load_codes(b, "signed", (top_c, *sums[i].shape), torch.float64, lead=1)
-            filled = crit.count[0] if synced else crit.count[i]
-            total = slot_sum(slots, filled, top_c, torch.float64).to(sums[i].dtype)
+    for i, total in enumerate(_sums_from_slots(crit, idx, stored_slots)):
+        if total is not None:
+            total = total.to(sums[i].dtype)
             sums[i] = sums[i].copy_(total) if donate else total
     return state._replace(critical=crit._replace(buf_sum=tuple(sums)))
 
