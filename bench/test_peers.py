@@ -1,0 +1,26 @@
+"""bench/peers.py's code path at a tiny size (no timing is asserted)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import peers  # noqa: E402
+
+
+def test_an_eager_cell_runs_in_a_fresh_process_and_reports_a_time():
+    cell = peers.run_cell("optim.AdEMAMix, eager", 2, 100, steps=2)
+    assert cell["ms"] > 0 and cell["first_s"] > 0
+
+
+def test_a_missing_package_is_reported_in_the_table_not_dropped(monkeypatch):
+    monkeypatch.setitem(peers.CANDIDATES, "absent peer", ("no_such_package_here", "None", False))
+    cell = peers.run_cell("absent peer", 2, 100, steps=2)
+    assert "not installed" in cell["missing"]
+    table = {peers.BASELINE: {"2x100": {"ms": 2.0, "first_s": 1.0}}, "absent peer": {"2x100": cell}}
+    info = {"torch": "x", "python": "3", "cpu": "cpu", "threads": 2, "versions": {}, "when": "now"}
+    text = peers.markdown(info, table, ["2x100"])
+    assert "| absent peer | no_such_package_here is not installed" in text
+    assert f"| {peers.BASELINE} | 2.00 (1.00) | 1.0 |" in text
