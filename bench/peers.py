@@ -7,7 +7,8 @@ Every cell builds ``N`` parameters of ``M`` elements, then steps as a training l
 each step ``zero_grad()`` and a backward pass (of ``sum((p * w).sum())`` with fixed random ``w``)
 leave the gradients where backward leaves them; only ``optimizer.step()`` is timed. The columns:
 the median step after 3 warm-up steps, its ratio to ``torch.compile(torch.optim.AdamW(...).step)``
-(PyTorch's recipe) at the same size, and the first step's time, which includes compiling.
+(PyTorch's recipe) at the same size, and the first step's time, which includes compiling: each
+cell gets an empty Inductor cache, as a user's first run does.
 AdEMAMix everywhere runs lr 1e-3, betas (0.9, 0.999, 0.9999), alpha 5, eps 1e-8, no weight decay.
 Rows whose package is not installed are reported as missing, not dropped silently.
 """
@@ -20,6 +21,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,10 +82,11 @@ def run_cell(name: str, n: int, size: int, steps: int) -> dict:
     except ImportError:
         return {"missing": f"{module} is not installed (pip install -e '.[bench]')"}
     code = CELL.format(module=module, make=make, compile_step=compile_step, n=n, size=size, steps=steps)
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
+    with tempfile.TemporaryDirectory() as cache:
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": ROOT, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": cache},
+        )
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
