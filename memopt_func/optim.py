@@ -76,6 +76,10 @@ def assemble(template: NamedTuple, dicts: list[dict[str, Tensor]], synced: bool)
             elif isinstance(value, tuple) and hasattr(value, "_fields"):
                 fields[field] = build(value, "" if field == "base" else f"{key}_")
             elif isinstance(value, tuple):
+                if value and key not in dicts[0]:
+                    # reached under torch.compile(opt.step), whose traced step cannot compare the
+                    # hyperparameters with those the state was made with (``_check_layout_kept``)
+                    raise ValueError(_layout_changed(f"the state has no {key!r}, which these hyperparameters need"))
                 fields[field] = tuple(
                     Quantized(d[key], d[key + _ABSMAX]) if isinstance(w, Quantized) else d[key] for d, w in zip(dicts, value)
                 )
@@ -86,6 +90,14 @@ def assemble(template: NamedTuple, dicts: list[dict[str, Tensor]], synced: bool)
         return type(node)(**fields)
 
     return build(template, "")
+
+
+def _layout_changed(what: str) -> str:
+    return (
+        f"{what}: a hyperparameter that changes the state's layout (a momentum or beta set to or from 0, "
+        "topC, synced, buffer_dtype, amsgrad, state_dtype, ...) changed after the state was made; set it "
+        "before the first step, or start a new optimizer (or a new param group) for it"
+    )
 
 
 class MemoryOptimizer(torch.optim.Optimizer):

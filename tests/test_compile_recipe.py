@@ -117,3 +117,25 @@ def test_recipe_compiles_no_worse_than_adamw_and_matches_eager(name, setup):
 
 def test_recipe_through_inductor():
     _check("Adam_CM", "float-lr-LambdaLR", "inductor")
+
+
+def test_recipe_refuses_a_momentum_set_from_zero_with_a_clear_error():
+    """Under torch.compile(opt.step) the step cannot compare hyperparameters with those the state
+    was made with; a momentum set from 0 then finds no momentum buffer, and says so (a ValueError
+    naming the layout change, not a KeyError), changing nothing."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = optim.SGD_C([p], lr=0.1, momentum=0.0)
+    step = torch.compile(opt.step, backend="aot_eager")
+    for _ in range(2):
+        p.grad = torch.randn(10)
+        step()
+    opt.param_groups[0]["momentum"] = 0.9
+    p.grad = torch.randn(10)
+    before = p.detach().clone()
+    state = {k: v.clone() for k, v in opt.state[p].items()}
+    with pytest.raises(ValueError, match=r"param group 0: the state has no 'momentum_buffer'.*changes the state's layout"):
+        step()
+    assert torch.equal(p.detach(), before)
+    assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
