@@ -35,7 +35,8 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from ._counter_hash import _mix32, _mix32_int
+from ._counter_hash import salt as _salt
+from ._counter_hash import uniform_salted
 
 FLOAT_STORAGE = (torch.float32, torch.bfloat16, torch.float16)
 ROUNDINGS = ("stochastic", "nearest")
@@ -93,10 +94,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------- rounding
 
 
-def _salt(seed: int) -> int:
-    return _mix32_int(seed & 0xFFFFFFFF) ^ _mix32_int((seed >> 32) & 0xFFFFFFFF ^ 0x9E3779B9)
-
-
 def _stream(step: Tensor, field: str, position: int) -> Tensor:
     return (step.to(torch.int64) * 0x9E3779B1 + (position * 64 + _FIELD_ID[field]) * 0x85EBCA77) & 0xFFFFFFFF
 
@@ -104,9 +101,7 @@ def _stream(step: Tensor, field: str, position: int) -> Tensor:
 def _draw(x: Tensor, salt: Tensor | int, stream: Tensor) -> Tensor:
     """``uniform`` over x's elements, their index as the counter (see ``_counter_hash``)."""
     counter = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
-    h = _mix32((counter & 0xFFFFFFFF) ^ salt)
-    h = _mix32(h ^ stream)
-    return h.double() * (1.0 / 2**32)
+    return uniform_salted(salt, counter, stream)
 
 
 def random_uniform(x: Tensor, seed: int, step: Tensor, field: str, position: int) -> Tensor:
