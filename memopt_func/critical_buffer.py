@@ -8,8 +8,7 @@ update uses an aggregate of the current value with the buffer's mean.
 Layout (stacked so the admission decision is one batched op): ``keys [B, C]`` and ``count [B]``
 with ``B = 1`` for a synced group and ``B = N`` (one row per leaf) otherwise; per leaf ``buf``
 of shape ``[C, *p.shape]`` and ``buf_sum`` of ``p.shape``. Unfilled slots hold zeros and are
-never read: the mean divides ``buf_sum`` by ``count``. A stepper may give each ``buf`` one
-scratch row after the slots (``with_sink``), where refused offers are written.
+never read: the mean divides ``buf_sum`` by ``count``.
 
 An offer is ``decide`` (once per step, for all rows), ``write`` (per leaf, over any subset of the
 leaves at a time) and ``commit`` (once); ``offer`` is the three in a row.
@@ -231,42 +230,26 @@ def write(
     ``buf_sum += x - old`` is exact in float64 while the values' magnitudes span less than about
     2**27, and off by float64 rounding of the current sum beyond: exact to the slots' own
     rounding on any run length, for four more bytes read and written per element than a sum in
-    float32. float64 slots (no wider type exists) and leaves with one admission flag per element
-    (a flat stepper's) are summed afresh from the filled slots, which reads every slot. ``donate`` writes into the given ``buf`` and ``buf_sum``
-    tensors instead of copies. A ``buf`` may carry one scratch row after its ``C`` slots
-    (``[C + 1, *shape]``, see ``with_sink``): refused offers are written there."""
+    float32. float64 slots (no wider type exists) are summed afresh from the filled slots, which
+    reads every slot. ``donate`` writes into the given ``buf`` and ``buf_sum`` tensors instead of
+    copies."""
     top_c = state.keys.shape[1]
     new_buf, new_sum = [], []
     for x, i in zip(xs, idx):
         s, adm, filled, was_full = decision.leaf[i]
         buf, total = state.buf[i], state.buf_sum[i]
         stored = x.to(buf.dtype)
-        # per-element admission (a flat leaf) sums afresh: reading the old slot before a scatter
-        # with a per-element index makes a compiler copy the whole buffer first
-        running = buf.dtype != torch.float64 and adm.dim() == 0
-        if running:  # the slot's value, or 0 for an unfilled slot, which is never read
-            old = M.zero_where(~was_full, buf.index_select(0, s)[0]).to(total.dtype)
-        if adm.dim() > 0:  # one flag per element of a segmented leaf: a row per element
-            flat = buf if buf.dim() == 2 else buf.view(buf.shape[0], -1)
-            values = stored.reshape(-1)
-            if buf.shape[0] > top_c:
-                # refused elements go to the sink row; indexing the flat stepper's 1-D leaf's
-                # buffer itself (not a view of it) lets a compiler write the chosen rows in place
-                index = (torch.where(adm, s, top_c), torch.arange(flat.shape[1], device=buf.device))
-                written = flat.index_put_(index, values) if donate else flat.index_put(index, values)
-            else:
-                written = _put(flat, s, torch.where(adm, values, flat.index_select(0, s)[0]), donate)
-            written = written.view(buf.shape)
-            adm = adm.view(stored.shape)
-        elif buf.shape[0] > top_c:
-            # A sink row after the slots takes a refused offer, so the written value never reads
-            # the buffer it goes into (Inductor then writes the slot in place, with no temporary).
-            written = _put(buf, torch.where(adm, s, top_c), stored, donate)
-        else:
-            # refused: the slot's own value is written back, which changes nothing
-            written = _put(buf, s, torch.where(adm, stored, buf.index_select(0, s)[0]), donate)
+        # Row s is read, then written with the offered value where admitted and its own value
+        # elsewhere. The written value depends on the read, so a compiler keeps the read first and
+        # writes the row in place (a read that nothing written depends on may be moved after the
+        # write, which costs a copy of the whole buffer).
+        here = buf.index_select(0, s)[0]
+        if adm.dim() > 0:  # one flag per element of a segmented leaf
+            adm = adm.view(here.shape)
+        written = _put(buf, s, torch.where(adm, stored, here), donate)
         new_buf.append(written)
-        if running:
+        if buf.dtype != torch.float64:  # the slot's value, or 0 for an unfilled slot, leaves the sum
+            old = M.zero_where(~was_full, here).to(total.dtype)
             change = torch.where(adm, stored.to(total.dtype) - old, 0)
             new_sum.append(total.add_(change) if donate else total + change)
         else:
@@ -314,26 +297,6 @@ def offer(
     """Offer x (priority nu per moved row) to the buffers of leaves idx: ``decide``, ``write``, ``commit``."""
     decision = decide(state, idx, nu, critical_test, seed)
     return commit(write(state, xs, idx, decision, donate), decision)
-
-
-def with_sink(state: CriticalBufferState) -> CriticalBufferState:
-    """The state with each ``buf`` copied into ``[C + 1, *shape]``: the slots, then a scratch row
-    that ``write`` may overwrite and nothing reads. ``without_sink`` gives the ``[C]`` views back."""
-    bufs = []
-    for b in state.buf:
-        if not isinstance(b, Tensor):  # 8-bit codes (``storage.Quantized``) are decoded for each step
-            bufs.append(b)
-            continue
-        padded = b.new_zeros((b.shape[0] + 1, *b.shape[1:]))
-        padded[: b.shape[0]].copy_(b)
-        bufs.append(padded)
-    return state._replace(buf=tuple(bufs))
-
-
-def without_sink(state: CriticalBufferState) -> CriticalBufferState:
-    """The ``[C, *shape]`` slot views of buffers that carry a sink row (the state unchanged otherwise)."""
-    top_c = state.keys.shape[1]
-    return state._replace(buf=tuple(b[:top_c] if isinstance(b, Tensor) else b for b in state.buf))
 
 
 def decay(state: CriticalBufferState, idx: Sequence[int], factor: float | Tensor) -> CriticalBufferState:

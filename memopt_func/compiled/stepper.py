@@ -19,7 +19,6 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from memopt_func import _tree, sharding
-from memopt_func import critical_buffer as cb
 from memopt_func._rule import Rule
 
 from .flat import FlatLayout
@@ -56,19 +55,6 @@ def _map_state(state: NamedTuple, per_leaf, step) -> NamedTuple:
         return type(node)(**fields)
 
     return convert(state)
-
-
-def _map_buffers(state: NamedTuple, fn) -> NamedTuple:
-    """The state with every critical buffer state mapped by fn."""
-    fields = {}
-    for field in state._fields:
-        value = getattr(state, field)
-        if isinstance(value, cb.CriticalBufferState):
-            value = fn(value)
-        elif isinstance(value, tuple) and hasattr(value, "_fields"):
-            value = _map_buffers(value, fn)
-        fields[field] = value
-    return type(state)(**fields)
 
 
 def flat_state(state: NamedTuple, layout: FlatLayout) -> NamedTuple:
@@ -174,9 +160,7 @@ class Stepper:
             self._step_params = [t.detach() for t in leaves]
             self._grads = None
             self._segments = None
-        # The stepped state keeps a sink row after each critical buffer's slots (see
-        # critical_buffer.write): the slot write then needs no temporary under Inductor.
-        self._step_state = _map_buffers(state, cb.with_sink)
+        self._step_state = state
         device = self._step_params[0].device
         self._hyper = {
             name: _as_tensor(rule.hyper[name], device, name in _ZERO_IS_CONSTANT) for name in rule.dynamic_names()
@@ -215,7 +199,7 @@ class Stepper:
     @property
     def state(self) -> NamedTuple:
         """The live state, laid out as the rule's own (flat when flat): tensors the steps update."""
-        return _map_buffers(self._step_state, cb.without_sink)
+        return self._step_state
 
     def per_tensor_state(self) -> NamedTuple:
         """The state as one entry per tensor (views into the flat state when flat)."""
@@ -301,11 +285,10 @@ class Stepper:
     def _leave_flat(self) -> None:
         """From now on, step tensor by tensor: a step without a gradient for some tensor skips it
         (its parameter and state untouched, its step counter held, as torch.optim does), which one
-        flat buffer with one step counter cannot express. The state moves out of the flat
-        buffers once (the critical slots are copied; the rest stay views of the flat storage), and
-        the per-tensor step compiles once for each pattern of missing gradients."""
-        state = _per_tensor_steps(self.state, self.layout)
-        self._step_state = _map_buffers(state, cb.with_sink)
+        flat buffer with one step counter cannot express. The state is seen per tensor, as views
+        of the flat storage (each tensor's step counter its own), and the per-tensor step compiles
+        once for each pattern of missing gradients."""
+        self._step_state = _per_tensor_steps(self.state, self.layout)
         self._step_params = [t.detach() for t in self._leaves]
         self.flat, self.layout, self._grads, self._grad_views, self._segments = False, None, None, None, None
         self.cuda_graph, self._graph = False, None

@@ -45,13 +45,13 @@ SUBSETS = {
         "tests/test_compiled_runs.py::test_flat_stepper_over_bias_free_layers_equals_eager_rule_when_the_buffer_decides[flat-eager]",
         "properties/test_prop_admission_model.py",
         "properties/test_prop_eager_equals_compiled.py::test_invariant_eager_equals_flat_stepper",
-        "tests/test_sink_row.py",
+        "tests/test_compiled_buffers.py",
         "properties/test_prop_buffer_invariants.py",
         "tests/test_field_ready.py::test_buf_sum_stays_exact_over_a_falling_scale_sweep",
     ],
     "stepper": [
         "tests/test_compiled_runs.py",
-        "tests/test_sink_row.py",
+        "tests/test_compiled_buffers.py",
         "properties/test_prop_eager_equals_compiled.py::test_invariant_eager_equals_flat_stepper",
         "tests/test_compiled.py",
     ],
@@ -154,17 +154,24 @@ MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ critical_buffer: write, sums, aggregate, decay
     Mutant(
         "cb-refused-overwrites", CB,
-        "written = _put(buf, s, torch.where(adm, stored, buf.index_select(0, s)[0]), donate)",
+        "written = _put(buf, s, torch.where(adm, stored, here), donate)",
         "written = _put(buf, s, stored, donate)",
-        "without a sink row, a refused offer overwrites the slot",
+        "a refused offer overwrites the slot",
         "gap: refused offers leave the slots untouched (no mixing)",
     ),
     Mutant(
-        "cb-sink-ignored", CB,
-        "written = _put(buf, torch.where(adm, s, top_c), stored, donate)",
-        "written = _put(buf, s, stored, donate)",
-        "with a sink row (compiled path), a refused offer overwrites the slot",
-        "gap: the sink row takes refused offers",
+        "cb-running-sum-refused", CB,
+        "change = torch.where(adm, stored.to(total.dtype) - old, 0)",
+        "change = stored.to(total.dtype) - old",
+        "a refused offer still changes the running buf_sum",
+        "gap: buf_sum is the sum of the filled slots",
+    ),
+    Mutant(
+        "cb-running-sum-keeps-old", CB,
+        "change = torch.where(adm, stored.to(total.dtype) - old, 0)",
+        "change = torch.where(adm, stored.to(total.dtype), 0)",
+        "the replaced slot's value is not taken out of the running buf_sum",
+        "gap: buf_sum is the sum of the filled slots",
     ),
     Mutant(
         "cb-slot-sum-unfilled", CB,
@@ -413,16 +420,6 @@ MUTANTS: list[Mutant] = [
         "            pass\n",
         "parameters that the step returns fresh are not copied back",
         "equivalent: with donate=True every rule writes the flat parameters in place, so no fresh parameter is returned",
-        tests="stepper",
-    ),
-    Mutant(
-        "st-no-sink", STEPPER,
-        "        # critical_buffer.write): the slot write then needs no temporary under Inductor.\n"
-        "        self._step_state = _map_buffers(state, cb.with_sink)\n",
-        "        # critical_buffer.write): the slot write then needs no temporary under Inductor.\n"
-        "        self._step_state = state\n",
-        "the stepped buffers carry no sink row",
-        "equivalent: write() then writes a refused slot back with its own value; same numbers, one temporary more",
         tests="stepper",
     ),
     Mutant(
