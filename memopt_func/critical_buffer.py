@@ -8,7 +8,8 @@ update uses an aggregate of the current value with the buffer's mean.
 Layout (stacked so the admission decision is one batched op): ``keys [B, C]`` and ``count [B]``
 with ``B = 1`` for a synced group and ``B = N`` (one row per leaf) otherwise; per leaf ``buf``
 of shape ``[C, *p.shape]`` and ``buf_sum`` of ``p.shape``. Unfilled slots hold zeros and are
-never read: the mean divides ``buf_sum`` by ``count``.
+never read: the mean divides ``buf_sum`` by ``count``. A flat stepper gives each ``buf`` one
+scratch row after the slots (``with_sink``), where refused elements are written.
 
 An offer is ``decide`` (once per step, for all rows), ``write`` (per leaf, over any subset of the
 leaves at a time) and ``commit`` (once); ``offer`` is the three in a row.
@@ -230,25 +231,35 @@ def write(
     ``buf_sum += x - old`` is exact in float64 while the values' magnitudes span less than about
     2**27, and off by float64 rounding of the current sum beyond: exact to the slots' own
     rounding on any run length, for four more bytes read and written per element than a sum in
-    float32. float64 slots (no wider type exists) are summed afresh from the filled slots, which
-    reads every slot. ``donate`` writes into the given ``buf`` and ``buf_sum`` tensors instead of
-    copies."""
+    float32. float64 slots (no wider type exists) and a flat stepper's leaves (one admission flag
+    per element, and a sink row) are summed afresh from the filled slots, which reads every slot.
+    ``donate`` writes into the given ``buf`` and ``buf_sum`` tensors instead of copies."""
     top_c = state.keys.shape[1]
     new_buf, new_sum = [], []
     for x, i in zip(xs, idx):
         s, adm, filled, was_full = decision.leaf[i]
         buf, total = state.buf[i], state.buf_sum[i]
         stored = x.to(buf.dtype)
-        # Row s is read, then written with the offered value where admitted and its own value
-        # elsewhere. The written value depends on the read, so a compiler keeps the read first and
-        # writes the row in place (a read that nothing written depends on may be moved after the
-        # write, which costs a copy of the whole buffer).
-        here = buf.index_select(0, s)[0]
-        if adm.dim() > 0:  # one flag per element of a segmented leaf
-            adm = adm.view(here.shape)
-        written = _put(buf, s, torch.where(adm, stored, here), donate)
+        sink = adm.dim() > 0 and buf.shape[0] > top_c
+        if sink:
+            # A flat stepper's leaf: refused elements go to the sink row, so nothing reads the
+            # buffer before the write, and the write needs no temporary under Inductor (a read
+            # would make it stage the written row, a leaf-sized allocation every step).
+            # Indexing the 1-D leaf's buffer itself (not a view of it) lets it write in place.
+            rows, values = (buf, stored) if buf.dim() == 2 else (buf.view(buf.shape[0], -1), stored.reshape(-1))
+            index = (torch.where(adm, s, top_c), torch.arange(rows.shape[1], device=buf.device))
+            written = (rows.index_put_(index, values) if donate else rows.index_put(index, values)).view(buf.shape)
+        else:
+            # Row s is read, then written with the offered value where admitted and its own
+            # value elsewhere. The written value depends on the read, so a compiler keeps the
+            # read first and updates the buffer in place (a read that nothing written depends on
+            # may be moved after the write, which costs a copy of the whole buffer every step).
+            here = buf.index_select(0, s)[0]
+            if adm.dim() > 0:  # one flag per element of a segmented leaf
+                adm = adm.view(here.shape)
+            written = _put(buf, s, torch.where(adm, stored, here), donate)
         new_buf.append(written)
-        if buf.dtype != torch.float64:  # the slot's value, or 0 for an unfilled slot, leaves the sum
+        if not sink and buf.dtype != torch.float64:  # the slot's old value (0 if unfilled) leaves the sum
             old = M.zero_where(~was_full, here).to(total.dtype)
             change = torch.where(adm, stored.to(total.dtype) - old, 0)
             new_sum.append(total.add_(change) if donate else total + change)
@@ -297,6 +308,26 @@ def offer(
     """Offer x (priority nu per moved row) to the buffers of leaves idx: ``decide``, ``write``, ``commit``."""
     decision = decide(state, idx, nu, critical_test, seed)
     return commit(write(state, xs, idx, decision, donate), decision)
+
+
+def with_sink(state: CriticalBufferState) -> CriticalBufferState:
+    """The state with each ``buf`` copied into ``[C + 1, *shape]``: the slots, then a scratch row
+    that ``write`` may overwrite and nothing reads. ``without_sink`` gives the ``[C]`` views back."""
+    bufs = []
+    for b in state.buf:
+        if not isinstance(b, Tensor):  # 8-bit codes (``storage.Quantized``) are decoded for each step
+            bufs.append(b)
+            continue
+        padded = b.new_zeros((b.shape[0] + 1, *b.shape[1:]))
+        padded[: b.shape[0]].copy_(b)
+        bufs.append(padded)
+    return state._replace(buf=tuple(bufs))
+
+
+def without_sink(state: CriticalBufferState) -> CriticalBufferState:
+    """The ``[C, *shape]`` slot views of buffers that carry a sink row (the state unchanged otherwise)."""
+    top_c = state.keys.shape[1]
+    return state._replace(buf=tuple(b[:top_c] if isinstance(b, Tensor) else b for b in state.buf))
 
 
 def decay(state: CriticalBufferState, idx: Sequence[int], factor: float | Tensor) -> CriticalBufferState:

@@ -19,6 +19,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from memopt_func import _tree, sharding
+from memopt_func import critical_buffer as cb
 from memopt_func._rule import Rule
 
 from .flat import FlatLayout
@@ -55,6 +56,19 @@ def _map_state(state: NamedTuple, per_leaf, step) -> NamedTuple:
         return type(node)(**fields)
 
     return convert(state)
+
+
+def _map_buffers(state: NamedTuple, fn) -> NamedTuple:
+    """The state with every critical buffer state mapped by fn."""
+    fields = {}
+    for field in state._fields:
+        value = getattr(state, field)
+        if isinstance(value, cb.CriticalBufferState):
+            value = fn(value)
+        elif isinstance(value, tuple) and hasattr(value, "_fields"):
+            value = _map_buffers(value, fn)
+        fields[field] = value
+    return type(state)(**fields)
 
 
 def flat_state(state: NamedTuple, layout: FlatLayout) -> NamedTuple:
@@ -154,7 +168,9 @@ class Stepper:
             self._grads = [torch.zeros_like(f) for f in self._step_params]
             self._grad_views = self.layout.views(self._grads)
             self._segments = self.layout.runs
-            state = flat_state(state, self.layout)
+            # A sink row after each critical buffer's slots takes the refused elements (see
+            # critical_buffer.write): the slot write then needs no temporary under Inductor.
+            state = _map_buffers(flat_state(state, self.layout), cb.with_sink)
         else:
             self.layout = None
             self._step_params = [t.detach() for t in leaves]
@@ -199,7 +215,7 @@ class Stepper:
     @property
     def state(self) -> NamedTuple:
         """The live state, laid out as the rule's own (flat when flat): tensors the steps update."""
-        return self._step_state
+        return _map_buffers(self._step_state, cb.without_sink) if self.flat else self._step_state
 
     def per_tensor_state(self) -> NamedTuple:
         """The state as one entry per tensor (views into the flat state when flat)."""
@@ -285,10 +301,12 @@ class Stepper:
     def _leave_flat(self) -> None:
         """From now on, step tensor by tensor: a step without a gradient for some tensor skips it
         (its parameter and state untouched, its step counter held, as torch.optim does), which one
-        flat buffer with one step counter cannot express. The state is seen per tensor, as views
-        of the flat storage (each tensor's step counter its own), and the per-tensor step compiles
-        once for each pattern of missing gradients."""
-        self._step_state = _per_tensor_steps(self.state, self.layout)
+        flat buffer with one step counter cannot express. The state moves out of the flat
+        buffers once (the critical slots are copied: views of one buffer's rows would alias each
+        other as inputs of the compiled step; the rest stay views of the flat storage), and the
+        per-tensor step compiles once for each pattern of missing gradients."""
+        state = _per_tensor_steps(self.state, self.layout)
+        self._step_state = _map_buffers(state, lambda c: c._replace(buf=tuple(_own(b) for b in c.buf)))
         self._step_params = [t.detach() for t in self._leaves]
         self.flat, self.layout, self._grads, self._grad_views, self._segments = False, None, None, None, None
         self.cuda_graph, self._graph = False, None
@@ -382,6 +400,11 @@ def _set(target: Any, value: Any, device: torch.device, keep_zero: bool = False)
         target.copy_(value) if isinstance(value, Tensor) else target.fill_(value)
         return target
     return _as_tensor(value, device, keep_zero)
+
+
+def _own(buf: Any) -> Any:
+    """A copy of a critical buffer's slots (8-bit codes are kept as they are)."""
+    return buf.clone() if isinstance(buf, Tensor) else buf
 
 
 def _scalar64(t: Tensor | None) -> bool:

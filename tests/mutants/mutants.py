@@ -160,6 +160,13 @@ MUTANTS: list[Mutant] = [
         "gap: refused offers leave the slots untouched (no mixing)",
     ),
     Mutant(
+        "cb-sink-ignored", CB,
+        "index = (torch.where(adm, s, top_c), torch.arange(rows.shape[1], device=buf.device))",
+        "index = (s.expand(rows.shape[1]), torch.arange(rows.shape[1], device=buf.device))",
+        "with a sink row (a flat stepper's leaf), a refused element overwrites the slot",
+        "gap: the sink row takes refused elements",
+    ),
+    Mutant(
         "cb-running-sum-refused", CB,
         "change = torch.where(adm, stored.to(total.dtype) - old, 0)",
         "change = stored.to(total.dtype) - old",
@@ -420,6 +427,14 @@ MUTANTS: list[Mutant] = [
         "            pass\n",
         "parameters that the step returns fresh are not copied back",
         "equivalent: with donate=True every rule writes the flat parameters in place, so no fresh parameter is returned",
+        tests="stepper",
+    ),
+    Mutant(
+        "st-no-sink", STEPPER,
+        "state = _map_buffers(flat_state(state, self.layout), cb.with_sink)",
+        "state = flat_state(state, self.layout)",
+        "the flat stepper's buffers carry no sink row",
+        "equivalent: write() then reads the slot row and writes it back where refused; same numbers, one leaf-sized temporary more",
         tests="stepper",
     ),
     Mutant(
