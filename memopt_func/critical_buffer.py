@@ -17,13 +17,13 @@ leaves at a time) and ``commit`` (once); ``offer`` is the three in a row.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from . import _math as M
-from . import _tree
+from . import _tree, sharding
 from ._counter_hash import uniform
 
 AGGREGATIONS = ("sum", "mean", "buffer")
@@ -231,24 +231,56 @@ def write(
     ``buf_sum += x - old`` is exact in float64 while the values' magnitudes span less than about
     2**27, and off by float64 rounding of the current sum beyond: exact to the slots' own
     rounding on any run length, for four more bytes read and written per element than a sum in
-    float32. float64 slots (no wider type exists) and a flat stepper's leaves (one admission flag
-    per element, and a sink row) are summed afresh from the filled slots, which reads every slot.
+    float32. float64 slots (no wider type exists) and a leaf written through a sink row (below)
+    are summed afresh from the filled slots, which reads every slot.
+
+    How the row is written depends on where the slot index can be read (``slot_on_host``):
+    - on the host (a CPU tensor, eager or compiled with ``capture_scalar_outputs``): row ``s``
+      is a view, read and written in one pass (eager with one flag per leaf writes nothing for
+      a refused offer);
+    - otherwise, a leaf with a sink row (a flat stepper's leaf on an accelerator) writes its
+      refused elements there, reading nothing first;
+    - otherwise row ``s`` is gathered, then written back with the offered value where admitted.
     ``donate`` writes into the given ``buf`` and ``buf_sum`` tensors instead of copies."""
     top_c = state.keys.shape[1]
     new_buf, new_sum = [], []
+    slots: dict[int, Any] = {}  # a synced group's leaves share one slot tensor: read it once
     for x, i in zip(xs, idx):
         s, adm, filled, was_full = decision.leaf[i]
         buf, total = state.buf[i], state.buf_sum[i]
         stored = x.to(buf.dtype)
-        sink = adm.dim() > 0 and buf.shape[0] > top_c
-        if sink:
-            # A flat stepper's leaf: refused elements go to the sink row, so nothing reads the
-            # buffer before the write, and the write needs no temporary under Inductor (a read
-            # would make it stage the written row, a leaf-sized allocation every step).
-            # Indexing the 1-D leaf's buffer itself (not a view of it) lets it write in place.
+        if slot_on_host(buf):
+            if id(s) not in slots:
+                slots[id(s)] = _host_index(s, top_c)
+            row = slots[id(s)]
+            here = buf.narrow(0, row, 1)[0]  # (Inductor cannot lower buf[row] on some views)
+            whole = donate and adm.dim() == 0 and not torch.compiler.is_compiling()
+            if whole and not bool(adm):
+                # eager on the host, one flag for the leaf: a refused offer writes nothing
+                new_buf.append(buf)
+                new_sum.append(total)
+                continue
+            if whole:  # ... and an admitted one writes x: the numbers of the masked write below
+                adm = None
+            elif adm.dim() > 0:  # one flag per element of a segmented leaf
+                adm = adm.view(here.shape)
+            # the sum moves before the write: ``here`` is the row itself
+            summed = None if buf.dtype == torch.float64 else _running_sum(total, stored, here, adm, was_full, donate)
+            value = stored if adm is None else torch.where(adm, stored, here)
+            if donate:
+                here.copy_(value)
+                written = buf
+            else:
+                written = buf.slice_scatter(value[None], 0, row, row + 1)
+        elif adm.dim() > 0 and buf.shape[0] > top_c:
+            # A flat stepper's leaf off the host: refused elements go to the sink row, so
+            # nothing reads the buffer before the write, and the write needs no temporary under
+            # Inductor (a read would make it stage the written row, a leaf-sized allocation every
+            # step). Indexing the 1-D leaf's buffer itself (not a view) lets it write in place.
             rows, values = (buf, stored) if buf.dim() == 2 else (buf.view(buf.shape[0], -1), stored.reshape(-1))
             index = (torch.where(adm, s, top_c), torch.arange(rows.shape[1], device=buf.device))
             written = (rows.index_put_(index, values) if donate else rows.index_put(index, values)).view(buf.shape)
+            summed = None
         else:
             # Row s is read, then written with the offered value where admitted and its own
             # value elsewhere. The written value depends on the read, so a compiler keeps the
@@ -257,16 +289,44 @@ def write(
             here = buf.index_select(0, s)[0]
             if adm.dim() > 0:  # one flag per element of a segmented leaf
                 adm = adm.view(here.shape)
+            summed = None if buf.dtype == torch.float64 else _running_sum(total, stored, here, adm, was_full, donate)
             written = _put(buf, s, torch.where(adm, stored, here), donate)
         new_buf.append(written)
-        if not sink and buf.dtype != torch.float64:  # the slot's old value (0 if unfilled) leaves the sum
-            old = M.zero_where(~was_full, here).to(total.dtype)
-            change = torch.where(adm, stored.to(total.dtype) - old, 0)
-            new_sum.append(total.add_(change) if donate else total + change)
-        else:
+        if summed is None:
             summed = slot_sum(written, filled, top_c, total.dtype)
-            new_sum.append(total.copy_(summed) if donate else summed)
+            summed = total.copy_(summed) if donate else summed
+        new_sum.append(summed)
     return state._replace(buf=_tree.put(state.buf, idx, new_buf), buf_sum=_tree.put(state.buf_sum, idx, new_sum))
+
+
+def _running_sum(total: Tensor, stored: Tensor, here: Tensor, adm: Tensor | None, was_full: Tensor, donate: bool) -> Tensor:
+    """``buf_sum`` after ``stored`` replaces ``here`` where admitted (everywhere for adm None;
+    the old value counts as 0 in a slot not filled before)."""
+    old = torch.where(was_full, here.to(total.dtype), 0)  # out of place: here may be the slot row
+    change = stored.to(total.dtype) - old
+    if adm is not None:
+        change = torch.where(adm, change, 0)
+    return total.add_(change) if donate else total + change
+
+
+def slot_on_host(buf: Tensor) -> bool:
+    """Whether the slot index of buf's offer is read on the host: a plain CPU tensor, stepped
+    eagerly or compiled with ``torch._dynamo.config.capture_scalar_outputs`` (which the compiled
+    Stepper sets on a CPU). Never on an accelerator (a host read would sync it), under a
+    ``torch.func`` transform, or for a sharded tensor."""
+    if buf.device.type != "cpu" or sharding.is_sharded(buf):
+        return False
+    if torch.compiler.is_compiling():
+        return bool(torch._dynamo.config.capture_scalar_outputs)
+    return torch._C._functorch.peek_interpreter_stack() is None
+
+
+def _host_index(s: Tensor, top_c: int) -> Any:
+    """The slot ``s`` ([1]) as a host integer (a symbolic one under compile), checked in range."""
+    row = s.item()
+    torch._check(row >= 0)
+    torch._check(row < top_c)
+    return row
 
 
 def _put(buf: Tensor, row: Tensor, value: Tensor, donate: bool) -> Tensor:

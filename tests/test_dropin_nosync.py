@@ -1,6 +1,11 @@
-"""No host synchronisation inside step(): after the first step, opt.step() must never read a
-tensor's value on the host. On CPU we make every such read raise (Tensor.item / tolist /
-__bool__ / __float__ / __int__ / __index__) while stepping."""
+"""No host synchronisation inside step() on an accelerator: after the first step, opt.step()
+must never read a tensor's value on the host. On CPU we make every such read raise
+(Tensor.item / tolist / __bool__ / __float__ / __int__ / __index__) while stepping.
+
+On a CPU, where reading a value costs nothing, the critical buffer reads its slot index and an
+eager step's admission flag on the host by design (``critical_buffer.slot_on_host``); an
+accelerator's tensors never do. These tests step the accelerator's form on CPU tensors
+(``slot_on_host`` off), so that a host read anywhere else fails them."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import pytest
 import torch
 
 from dropin_common import dropin, mlp, mse
+from memopt_func import critical_buffer as cb
 
 SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
 
@@ -28,6 +34,7 @@ def no_host_sync():
         return boom
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(cb, "slot_on_host", lambda buf: False))
         for method in SYNC_METHODS:
             stack.enter_context(mock.patch.object(torch.Tensor, method, make(method)))
         yield
@@ -44,6 +51,12 @@ def test_the_guard_catches_host_reads():
                 read()
         torch.zeros(3)[1:] + t  # device-side work is fine
     assert t.item() == 1.5 and bool(t) and int(i) == 2
+
+
+def test_slot_index_is_read_on_the_host_only_for_cpu_tensors():
+    """The host read is a CPU privilege: never for an accelerator's (here: meta) tensors."""
+    assert cb.slot_on_host(torch.zeros(2, 3))
+    assert not cb.slot_on_host(torch.zeros(2, 3, device="meta"))
 
 
 CONFIGS = [

@@ -10,6 +10,7 @@ captured as a CUDA graph and replayed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import types
 from typing import Any, NamedTuple
@@ -168,9 +169,11 @@ class Stepper:
             self._grads = [torch.zeros_like(f) for f in self._step_params]
             self._grad_views = self.layout.views(self._grads)
             self._segments = self.layout.runs
-            # A sink row after each critical buffer's slots takes the refused elements (see
-            # critical_buffer.write): the slot write then needs no temporary under Inductor.
-            state = _map_buffers(flat_state(state, self.layout), cb.with_sink)
+            state = flat_state(state, self.layout)
+            if not _slots_on_host(leaves[0].device):
+                # A sink row after each critical buffer's slots takes the refused elements (see
+                # critical_buffer.write): the slot write then needs no temporary under Inductor.
+                state = _map_buffers(state, cb.with_sink)
         else:
             self.layout = None
             self._step_params = [t.detach() for t in leaves]
@@ -253,7 +256,8 @@ class Stepper:
 
     def _run(self, grads: list[Tensor | None]) -> None:
         """``_fn`` once, then the writes it hands back (see ``_apply``)."""
-        late = self._fn(self._step_params, grads, self._step_state, self._hyper)
+        with _host_scalars(self._step_params[0].device):
+            late = self._fn(self._step_params, grads, self._step_state, self._hyper)
         for dst, value in zip([t for t in pytree.tree_leaves(self._step_state) if _scalar64(t)], late):
             dst.copy_(value)
 
@@ -355,6 +359,21 @@ class Stepper:
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):
                 self._fn(self._step_params, grads, self._step_state, self._hyper)
+
+
+def _slots_on_host(device: torch.device) -> bool:
+    """Whether steps on device read a critical buffer's slot index on the host, and so update
+    the chosen row in place in one pass (``critical_buffer.slot_on_host``): on a CPU, where
+    reading a tensor's value costs nothing. An accelerator's flat leaves write through a sink row."""
+    return device.type == "cpu"
+
+
+def _host_scalars(device: torch.device) -> Any:
+    """Where slots are read on the host, the compiled step traces ``Tensor.item()`` into the
+    graph (``capture_scalar_outputs``) instead of breaking it there."""
+    if not _slots_on_host(device):
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(capture_scalar_outputs=True)
 
 
 _stepper_ids = itertools.count()
