@@ -39,6 +39,9 @@ CANDIDATES = {
     "compiled.Adam_CM": ("memopt_func", "memopt_func.compiled.Adam_CM(params, lr=1e-3)", False),
     "optim.Adam_CM, torch.compile(opt.step)": ("memopt_func", "memopt_func.optim.Adam_CM(params, lr=1e-3)", True),
     "optim.Adam_CM, eager": ("memopt_func", "memopt_func.optim.Adam_CM(params, lr=1e-3)", False),
+    "compiled.Adam_C": ("memopt_func", "memopt_func.compiled.Adam_C(params, lr=1e-3)", False),
+    "compiled.SGD_C": ("memopt_func", "memopt_func.compiled.SGD_C(params, lr=1e-3, momentum=0.9)", False),
+    "compiled.RMSprop_C": ("memopt_func", "memopt_func.compiled.RMSprop_C(params, lr=1e-3)", False),
 }
 BASELINE = "torch.optim.AdamW, torch.compile(opt.step)"
 
