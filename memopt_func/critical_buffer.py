@@ -8,8 +8,12 @@ update uses an aggregate of the current value with the buffer's mean.
 Layout (stacked so the admission decision is one batched op): ``keys [B, C]`` and ``count [B]``
 with ``B = 1`` for a synced group and ``B = N`` (one row per leaf) otherwise; per leaf ``buf``
 of shape ``[C, *p.shape]`` and ``buf_sum`` of ``p.shape``. Unfilled slots hold zeros and are
-never read: the mean divides ``buf_sum`` by ``count``. A flat stepper gives each ``buf`` one
-scratch row after the slots (``with_sink``), where refused elements are written.
+never read: the mean divides ``buf_sum`` by ``count``. A flat stepper on an accelerator gives
+each ``buf`` one scratch row after the slots (``with_sink``), where refused elements are written.
+
+Admission is decided on device. Where reading a value on the host costs nothing (a CPU tensor,
+``slot_on_host``), ``write`` reads the chosen slot's index there, so the row is a view that one
+pass reads and writes; elsewhere the index never leaves the device. The numbers are the same.
 
 An offer is ``decide`` (once per step, for all rows), ``write`` (per leaf, over any subset of the
 leaves at a time) and ``commit`` (once); ``offer`` is the three in a row.
