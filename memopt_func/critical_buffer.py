@@ -248,7 +248,7 @@ def write(
     ``donate`` writes into the given ``buf`` and ``buf_sum`` tensors instead of copies."""
     top_c = state.keys.shape[1]
     new_buf, new_sum = [], []
-    slots: dict[int, Any] = {}  # a synced group's leaves share one slot tensor: read it once
+    slots: dict[int, Any] = {}  # the host reads made so far, by slot tensor
     for x, i in zip(xs, idx):
         s, adm, filled, was_full = decision.leaf[i]
         buf, total = state.buf[i], state.buf_sum[i]
