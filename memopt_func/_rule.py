@@ -312,7 +312,7 @@ def in_parts(update, params, grads, state, idx, h, ctx: StepContext):
         segments = _tree.take(ctx.segments, part) if ctx.segments else None
         moved, state = update(
             _tree.take(params, part), _tree.take(grads, part), state, sub, h,
-            ctx._replace(segments=segments, parts=[list(range(len(part)))]),
+            _tree.replace(ctx, segments=segments, parts=[list(range(len(part)))]),
         )
         for j, p in zip(part, moved):
             new_params[j] = p

@@ -9,6 +9,16 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 
+def replace(nt: Any, **changes: Any) -> Any:
+    """``nt._replace(**changes)``, built by calling the class: torch 2.11's Dynamo returns a
+    malformed tuple from a traced ``_replace`` (it works from torch 2.13), and every rule's step
+    must trace on any supported torch."""
+    unknown = set(changes) - set(nt._fields)
+    if unknown:
+        raise ValueError(f"{type(nt).__name__} has no field(s) {sorted(unknown)}")
+    return type(nt)(*[changes[f] if f in changes else getattr(nt, f) for f in nt._fields])
+
+
 def _none_is_leaf(x: Any) -> bool:
     return x is None
 

@@ -145,6 +145,9 @@ class Decision(NamedTuple):
     # leaf index -> (slot [1], admitted, slots filled after the offer, slot was filled before);
     # 0-d but admitted, which is one flag per element for a segmented leaf in a synced group
     leaf: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]]
+    # leaf index -> its position among the moved rows (0 for every leaf of a synced group): leaves
+    # with the same position share one slot, which ``write`` reads on the host once
+    row: dict[int, int]
 
 
 def decide(
@@ -203,6 +206,7 @@ def decide(
             i: (slot[r].reshape(1), admitted[r] if ok is None else admitted[r] & ok, filled[r], full[r])
             for i, r, ok in zip(idx, rows, leaf_ok)
         },
+        row=dict(zip(idx, rows)),
     )
 
 
@@ -248,15 +252,16 @@ def write(
     ``donate`` writes into the given ``buf`` and ``buf_sum`` tensors instead of copies."""
     top_c = state.keys.shape[1]
     new_buf, new_sum = [], []
-    slots: dict[int, Any] = {}  # the host reads made so far, by slot tensor
+    slots: dict[int, Any] = {}  # the host reads made so far, by row (``Decision.row``)
     for x, i in zip(xs, idx):
         s, adm, filled, was_full = decision.leaf[i]
         buf, total = state.buf[i], state.buf_sum[i]
         stored = x.to(buf.dtype)
         if slot_on_host(buf):
-            if id(s) not in slots:
-                slots[id(s)] = _host_index(s, top_c)
-            row = slots[id(s)]
+            r = decision.row[i]
+            if r not in slots:
+                slots[r] = _host_index(s, top_c)
+            row = slots[r]
             here = buf.narrow(0, row, 1)[0]  # (Inductor cannot lower buf[row] on some views)
             whole = donate and adm.dim() == 0 and not torch.compiler.is_compiling()
             if whole and not bool(adm):
@@ -300,7 +305,7 @@ def write(
             summed = slot_sum(written, filled, top_c, total.dtype)
             summed = total.copy_(summed) if donate else summed
         new_sum.append(summed)
-    return state._replace(buf=_tree.put(state.buf, idx, new_buf), buf_sum=_tree.put(state.buf_sum, idx, new_sum))
+    return _tree.replace(state, buf=_tree.put(state.buf, idx, new_buf), buf_sum=_tree.put(state.buf_sum, idx, new_sum))
 
 
 def _running_sum(total: Tensor, stored: Tensor, here: Tensor, adm: Tensor | None, was_full: Tensor, donate: bool) -> Tensor:
@@ -351,7 +356,8 @@ def slot_sum(buf: Tensor, filled: Tensor, top_c: int, dtype: torch.dtype) -> Ten
 def commit(state: CriticalBufferState, decision: Decision) -> CriticalBufferState:
     """The decided keys and counters, once every slot of the offer is written."""
     moved = decision.moved
-    return state._replace(
+    return _tree.replace(
+        state,
         keys=_tree.put_rows(state.keys, moved, decision.keys),
         count=_tree.put_rows(state.count, moved, decision.count),
         offers=_tree.put_rows(state.offers, moved, decision.offers),
@@ -385,17 +391,17 @@ def with_sink(state: CriticalBufferState) -> CriticalBufferState:
         padded = b.new_zeros((b.shape[0] + 1, *b.shape[1:]))
         padded[: b.shape[0]].copy_(b)
         bufs.append(padded)
-    return state._replace(buf=tuple(bufs))
+    return _tree.replace(state, buf=tuple(bufs))
 
 
 def without_sink(state: CriticalBufferState) -> CriticalBufferState:
     """The ``[C, *shape]`` slot views of buffers that carry a sink row (the state unchanged otherwise)."""
     top_c = state.keys.shape[1]
-    return state._replace(buf=tuple(b[:top_c] if isinstance(b, Tensor) else b for b in state.buf))
+    return _tree.replace(state, buf=tuple(b[:top_c] if isinstance(b, Tensor) else b for b in state.buf))
 
 
 def decay(state: CriticalBufferState, idx: Sequence[int], factor: float | Tensor) -> CriticalBufferState:
     """keys *= factor on the rows this step moved (after the parameter update)."""
     moved = moved_rows(state, idx)
     keys = _tree.put_rows(state.keys, moved, _tree.rows(state.keys, moved) * factor)
-    return state._replace(keys=keys)
+    return _tree.replace(state, keys=keys)

@@ -266,7 +266,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
             jobs = [job for job in map(self._prepare, range(len(self.param_groups))) if job is not None]
             for group, rule, prepared, state in jobs:
                 if differentiable:  # the step reads copies: the parameters' old values stay in the graph
-                    prepared = prepared._replace(leaves=[v.clone() for v in prepared.leaves])
+                    prepared = _tree.replace(prepared, leaves=[v.clone() for v in prepared.leaves])
                 new_params, new_state = rule.run(prepared, state, donate=not differentiable)
                 views = _real(group["params"])
                 moved = [i for i in prepared.idx if new_params[i] is not views[i]]

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from . import _tree
 from ._counter_hash import salt as _salt
 from ._counter_hash import uniform_salted
 
@@ -534,7 +535,7 @@ def _exact_sums(state: NamedTuple, idx: Sequence[int]) -> NamedTuple:
         return state
     fresh = _sums_from_slots(crit, idx, lambda i: crit.buf[i] if crit.buf_sum[i].dtype != torch.float64 else None)
     sums = tuple(old if new is None else new for old, new in zip(crit.buf_sum, fresh))
-    return state._replace(critical=crit._replace(buf_sum=sums))
+    return _tree.replace(state, critical=_tree.replace(crit, buf_sum=sums))
 
 
 def _stored_sums(state: NamedTuple, idx: Sequence[int], donate: bool) -> NamedTuple:
@@ -554,7 +555,7 @@ def _stored_sums(state: NamedTuple, idx: Sequence[int], donate: bool) -> NamedTu
         if total is not None:
             total = total.to(sums[i].dtype)
             sums[i] = sums[i].copy_(total) if donate else total
-    return state._replace(critical=crit._replace(buf_sum=tuple(sums)))
+    return _tree.replace(state, critical=_tree.replace(crit, buf_sum=tuple(sums)))
 
 
 def _is_node(v: Any) -> bool:

@@ -200,3 +200,34 @@ def test_compiled_low_precision_buffer_keeps_buf_sum_equal_to_the_stored_slots(s
             err = ((total - slots).abs().max() / slots.abs().max()).item()
             assert err < 1e-6, f"{label}: buf_sum[{i}] is off the sum of its bf16 slots by {err:.2e} (relative)"
     _assert_close_trees(state_c, state_e, "state")
+
+
+def test_library_code_never_calls_namedtuple_replace():
+    """torch 2.11's Dynamo (the oldest torch the package supports) returns a malformed tuple from
+    a traced ``NamedTuple._replace``: repr fails and pytree sees no children, so a compiled
+    ``rule.step`` hands back a broken state. The library rebuilds states with ``_tree.replace``;
+    CI runs a newer torch, where ``_replace`` traces, so this guards the older one."""
+    import re
+    from pathlib import Path
+
+    import memopt_func
+
+    root = Path(memopt_func.__file__).parent
+    calls = [
+        f"{path.relative_to(root)}:{n}"
+        for path in sorted(root.rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\._replace\(", line) and not line.lstrip().startswith(("#", '"""', "``"))
+        and "nt._replace" not in line
+    ]
+    assert calls == [], f"use _tree.replace instead of ._replace in {calls}"
+
+
+def test_tree_replace_is_namedtuple_replace():
+    from memopt_func import _tree
+
+    state = rules.Adam_CM(topC=2).init([torch.ones(3)])
+    crit = _tree.replace(state.critical, keys=state.critical.keys + 1)
+    assert crit == state.critical._replace(keys=crit.keys) and type(crit) is type(state.critical)
+    with pytest.raises(ValueError, match=r"no field\(s\) \['nope'\]"):
+        _tree.replace(state.critical, nope=1)
