@@ -5,6 +5,7 @@ No timing here (bench/ measures speed). GPU checks skip without CUDA.
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -164,6 +165,49 @@ def test_flat_stepper_refuses_bad_flags():
         stepper.set_hyper(lr=-1.0)
 
 
+def test_set_hyper_writes_the_device_only_when_a_number_changes():
+    """A step given the numbers its hyperparameter tensors already hold writes nothing (on a GPU,
+    no fill kernel per hyperparameter per step); a new number, or any tensor, is written, and a
+    bad value is still refused."""
+    stepper = Stepper(rules.Adam_CM(lr=1e-2, topC=2), _params(), compile=False)
+    lr = stepper._hyper["lr"]
+    lr.fill_(123.0)  # behind the stepper's back: shows whether set_hyper writes
+    stepper.set_hyper(lr=1e-2)
+    assert lr.item() == 123.0
+    stepper.set_hyper(lr=2e-2)
+    assert lr.item() == 2e-2
+    stepper.set_hyper(lr=torch.tensor(3e-2, dtype=torch.float64))  # a tensor is always copied
+    lr.fill_(123.0)
+    stepper.set_hyper(lr=torch.tensor(3e-2, dtype=torch.float64))
+    assert lr.item() == 3e-2
+    stepper.set_hyper(lr=3e-2)
+    lr.fill_(123.0)
+    stepper.set_hyper(lr=3e-2)
+    assert lr.item() == 123.0
+    for bad in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match="lr"):
+            stepper.set_hyper(lr=bad)
+
+
+def test_compiled_dropin_still_checks_a_gradient_replaced_after_the_first_step():
+    """The flat group skips re-checking gradients only while each ``.grad`` is the view it
+    installed; a gradient put there by hand is checked, and a bad one moves nothing."""
+    model = _mlp()
+    opt = compiled.Adam_CM(model.parameters(), lr=1e-2, topC=2)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    ((model(x) - y) ** 2).mean().backward()
+    opt.step()
+    weight = next(model.parameters())
+    weight.grad = torch.ones_like(weight).to_sparse()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    weight.grad = torch.ones_like(weight)
+    opt.step()  # a well-formed hand-made gradient steps (copied into the flat buffer)
+    assert not torch.equal(weight, before[0])
+
+
 def _mlp(seed=0):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -248,15 +292,47 @@ def test_cuda_graph_replay_equals_eager_and_never_syncs(name):
     for k in range(12):
         grads = [g.cuda() for g in _grads(k)]
         lr = 1e-3 * (1 + k)
-        torch.cuda.set_sync_debug_mode("error")
+        # the first three steps compile and capture (compiling syncs); every later one replays
+        replaying = k >= 3
+        assert (stepper._graph is not None) == replaying
+        if replaying:
+            torch.cuda.set_sync_debug_mode("error")
         try:
             stepper.step(grads, lr=lr)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         reference, state = rule.step(reference, grads, state, lr=lr)
-    assert stepper._graph is not None
     for a, b in zip(stepper.params, reference):
         assert _rel(a, b) < 1e-5
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "name, storage",
+    [("AdEMAMix", dict(state_dtype=torch.bfloat16)), ("Adam_CM", dict(state_dtype=torch.int8, buffer_dtype=torch.int8))],
+    ids=["AdEMAMix-bf16", "Adam_CM-int8"],
+)
+def test_per_tensor_compiled_dropin_steps_on_cuda_without_a_graph(name, storage):
+    """Narrow state steps per tensor: the compiled drop-in takes no CUDA graph by default, and
+    asking a per-tensor stepper for one is refused at construction."""
+    torch.manual_seed(0)
+    model = _mlp().cuda()
+    twin = copy.deepcopy(model)
+    opt = getattr(compiled, name)(model.parameters(), lr=1e-2, **storage)
+    ref = getattr(optim, name)(twin.parameters(), lr=1e-2, **storage)
+    x, y = torch.randn(32, 4, device="cuda"), torch.randn(32, 1, device="cuda")
+    for _ in range(4):
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            o.step()
+    assert not any(s.cuda_graph for s in opt._steppers.values())
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert _rel(a, b) < 1e-2  # stochastic rounding draws differ between eager and compiled
+    rule = rules.RULES[name](**storage)
+    with pytest.raises(ValueError, match="cuda_graph=True needs a flat stepper"):
+        Stepper(rule, [p.detach().clone() for p in model.parameters()], cuda_graph=True)
 
 
 @cuda

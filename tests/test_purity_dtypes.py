@@ -171,6 +171,7 @@ def test_state_follows_the_parameters_device(variant):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cuda_matches_cpu_and_keeps_state_on_cuda(variant):
     rule = make_rule(variant)

@@ -91,7 +91,9 @@ class CompiledOptimizer(MemoryOptimizer):
         try:
             if self.state.get(params[0]):
                 self._check_layout_kept(group, rule, list(params))
-            _tree.flatten_grads(grads, pytree.tree_structure(list(params)), params)
+            stepper = self._steppers.get(index)
+            if stepper is None or not stepper.grads_in_place(params):
+                _tree.flatten_grads(grads, pytree.tree_structure(list(params)), params)
             rule._resolve({name: group[name] for name in rule.dynamic_names()})
         except ValueError as e:
             raise ValueError(f"{type(self).__name__}, param group {index}: {e}") from None

@@ -117,6 +117,10 @@ class Stepper:
     (device, dtype) and re-points ``nn.Parameter`` leaves at views of it, so a module keeps
     training the same storage; ``stepper.params`` holds the views either way.
     ``state``: an initial per-tensor state to adopt (e.g. from a checkpoint); default ``rule.init``.
+    ``cuda_graph``: replay each step as one captured CUDA graph (the default for a compiled flat
+    stepper on CUDA). A per-tensor stepper (``flat=False``, or a rule that needs it, such as
+    8-bit or stochastically rounded state) steps without a graph: a step may skip tensors
+    without gradients, which one captured graph cannot.
     """
 
     def __init__(
@@ -184,10 +188,18 @@ class Stepper:
         self._hyper = {
             name: _as_tensor(rule.hyper[name], device, name in _ZERO_IS_CONSTANT) for name in rule.dynamic_names()
         }
+        # the plain numbers that the step's hyperparameter tensors hold (None: unknown, e.g. a tensor
+        # was given), so that a step given the same numbers again writes nothing to the device
+        self._numbers: dict[str, Any] = {name: rule.hyper[name] for name in rule.dynamic_names()}
         if cuda_graph is None:
-            cuda_graph = compile and device.type == "cuda"
+            cuda_graph = compile and device.type == "cuda" and flat
         if cuda_graph and device.type != "cuda":
             raise ValueError("cuda_graph=True needs CUDA tensors")
+        if cuda_graph and not flat:
+            raise ValueError(
+                "cuda_graph=True needs a flat stepper (flat=False was given, or the rule steps per tensor: "
+                f"{_needs_per_tensor(rule) or 'flat=False'}); leave cuda_graph unset to step without a graph"
+            )
         self.cuda_graph = cuda_graph
         self._graph = None
         self._warmup_left = 3
@@ -228,8 +240,11 @@ class Stepper:
 
     def set_hyper(self, **per_step: Any) -> None:
         """Set per-step hyperparameters (floats or 0-d tensors) for the following steps."""
+        if all(_same_number(self._numbers.get(name), value) for name, value in per_step.items()):
+            return  # the numbers the step tensors already hold (checked when they were set)
         self.rule._resolve(per_step)  # validates names and values
         for name, value in per_step.items():
+            self._numbers[name] = value if _same_number(value, value) else None
             old = self._hyper[name]
             self._hyper[name] = _set(old, value, self._step_params[0].device, name in _ZERO_IS_CONSTANT)
             if _kinds(old) != _kinds(self._hyper[name]):
@@ -277,6 +292,14 @@ class Stepper:
                 )
         return [given[i] for i in self._active]
 
+    def grads_in_place(self, params: list[Tensor]) -> bool:
+        """Whether params are exactly this flat stepper's tensors and each ``.grad`` is still the
+        view of the flat gradient buffer that the stepper installed (so shapes, dtypes and devices
+        need no check)."""
+        if not self.flat or len(params) != len(self._leaves):
+            return False
+        return all(p is leaf and p.grad is view for p, leaf, view in zip(params, self._leaves, self._grad_views))
+
     def check(self, grads: Any = None, **per_step: Any) -> None:
         """Raise ValueError if a step with these gradients and hyperparameters would fail its
         checks; changes nothing (a caller stepping several steppers checks them all first)."""
@@ -310,7 +333,7 @@ class Stepper:
         other as inputs of the compiled step; the rest stay views of the flat storage), and the
         per-tensor step compiles once for each pattern of missing gradients."""
         state = _per_tensor_steps(self.state, self.layout)
-        self._step_state = _map_buffers(state, lambda c: c._replace(buf=tuple(_own(b) for b in c.buf)))
+        self._step_state = _map_buffers(state, lambda c: _tree.replace(c, buf=tuple(_own(b) for b in c.buf)))
         self._step_params = [t.detach() for t in self._leaves]
         self.flat, self.layout, self._grads, self._grad_views, self._segments = False, None, None, None, None
         self.cuda_graph, self._graph = False, None
@@ -419,6 +442,14 @@ def _set(target: Any, value: Any, device: torch.device, keep_zero: bool = False)
         target.copy_(value) if isinstance(value, Tensor) else target.fill_(value)
         return target
     return _as_tensor(value, device, keep_zero)
+
+
+def _same_number(held: Any, value: Any) -> bool:
+    """Whether value is the same plain number (or tuple of them) as held: an int or float of the
+    same type and equal value (so never a tensor, and never NaN)."""
+    if isinstance(value, tuple):
+        return isinstance(held, tuple) and len(held) == len(value) and all(map(_same_number, held, value))
+    return type(value) in (int, float) and type(held) is type(value) and held == value
 
 
 def _own(buf: Any) -> Any:
