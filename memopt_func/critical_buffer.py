@@ -195,6 +195,8 @@ def decide(
         left_out = (~finite).to(torch.int64)
     rows = [0] * len(idx) if synced else list(range(len(idx)))
     leaf_ok = _leaf_flags(finite, segments) if finite is not None and synced else [None] * len(idx)
+    # one set of row values shared by the leaves of that row (every leaf of a synced group)
+    per_row = {r: (slot[r].reshape(1), admitted[r], filled[r], full[r]) for r in dict.fromkeys(rows)}
     return Decision(
         moved=moved,
         keys=keys.scatter(1, slot[:, None], new_key[:, None]),
@@ -203,7 +205,7 @@ def decide(
         accepted=_tree.rows(state.accepted, moved) + admitted.to(torch.int64),
         nonfinite=_tree.rows(state.nonfinite, moved) + left_out,
         leaf={
-            i: (slot[r].reshape(1), admitted[r] if ok is None else admitted[r] & ok, filled[r], full[r])
+            i: (per_row[r][0], per_row[r][1] if ok is None else per_row[r][1] & ok, per_row[r][2], per_row[r][3])
             for i, r, ok in zip(idx, rows, leaf_ok)
         },
         row=dict(zip(idx, rows)),
