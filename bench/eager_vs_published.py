@@ -57,7 +57,7 @@ def run_cell(impl: str, name: str, n: int, size: int, steps: int, env: dict, dev
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="200x10000,20x1000000")
-    parser.add_argument("--rules", default="Adam_C,Adam_CM")
+    parser.add_argument("--rules", default="Adam_C,Adam_CM,SGD_C,RMSprop_C")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per cell")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per process (median)")
     parser.add_argument("--malloc-env", action="store_true", help="also run every cell with the malloc thresholds raised")
