@@ -177,12 +177,21 @@ class MemoryOptimizer(torch.optim.Optimizer):
         """A group's state keeps the layout it was made with: a structural hyperparameter
         (``topC``, ``synced``, ``buffer_dtype``, ``amsgrad``, a momentum set to or from 0, ...)
         changed after the state exists raises, naming it; other changes apply from this step on."""
-        if torch.compiler.is_compiling():
-            # a float that changes is symbolic in a compiled frame; the eager steps check this
-            return
         before, old_rule, old_values = self._laid_out.get(params[0], (None, None, None))
+        if before is None:
+            return
+        if torch.compiler.is_compiling():
+            # Under torch.compile(opt.step) a float that changes may be symbolic, but the static
+            # hyperparameters (topC, synced, buffer_dtype, ...) are constants whose change
+            # recompiles: compare those here, and check a change outside the graph (a momentum
+            # set from 0 is refused where the missing buffer is found).
+            static = {h.name for h in self.RULE.HYPERS if not h.dynamic}
+            now = self._rule_key(group)
+            if [e for e in before if e[0] in static] != [e for e in now if e[0] in static]:
+                _check_layout_outside_graph(self, group, rule, params)
+            return
         key = self._rule_key(group)
-        if before is None or before == key:
+        if before == key:
             return
         if _layout(old_rule, params) == _layout(rule, params):
             self._laid_out[params[0]] = (key, rule, _hyper_values(group, rule))
@@ -466,6 +475,12 @@ def _entry(value: Any, want: Tensor | None, device: torch.device) -> Any:
     if not isinstance(value, Tensor):
         return torch.tensor(value, dtype=want.dtype, device=device).reshape(want.shape)
     return value.to(device=device, dtype=want.dtype)
+
+
+@torch._dynamo.disable
+def _check_layout_outside_graph(opt: "MemoryOptimizer", group: dict[str, Any], rule: Rule, params: list[Tensor]) -> None:
+    """``_check_layout_kept`` run eagerly, from a compiled step whose static hyperparameters changed."""
+    opt._check_layout_kept(group, rule, params)
 
 
 def _hyper_values(group: dict[str, Any], rule: Rule) -> dict[str, Any]:

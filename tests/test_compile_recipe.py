@@ -139,3 +139,32 @@ def test_recipe_refuses_a_momentum_set_from_zero_with_a_clear_error():
         step()
     assert torch.equal(p.detach(), before)
     assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+
+
+def test_recipe_refuses_a_structural_change_and_applies_a_neutral_one_like_eager():
+    """Under torch.compile(opt.step) a static hyperparameter changed after the state exists is
+    checked as in eager: topC (a layout change) raises naming it, old and new value, changing
+    nothing; kappa (same layout) applies from that step on, the same numbers as eager."""
+
+    def run(compiled_step):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(10))
+        opt = optim.Adam_CM([p], lr=0.1, topC=3)
+        step = torch.compile(opt.step, backend="aot_eager") if compiled_step else opt.step
+        for k in range(4):
+            p.grad = torch.randn(10)
+            if k == 2:
+                opt.param_groups[0]["kappa"] = 0.5
+            step()
+        opt.param_groups[0]["topC"] = 2
+        p.grad = torch.randn(10)
+        before = p.detach().clone()
+        state = {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+        with pytest.raises(ValueError, match=r"changed 'topC' from 3 to 2 after its state was made"):
+            step()
+        assert torch.equal(p.detach(), before)
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+        return before
+
+    torch.testing.assert_close(run(True), run(False), rtol=1e-5, atol=1e-6)  # aot_eager rounds differently
