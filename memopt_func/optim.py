@@ -477,7 +477,7 @@ def _entry(value: Any, want: Tensor | None, device: torch.device) -> Any:
     return value.to(device=device, dtype=want.dtype)
 
 
-@torch._dynamo.disable
+@torch.compiler.disable
 def _check_layout_outside_graph(opt: "MemoryOptimizer", group: dict[str, Any], rule: Rule, params: list[Tensor]) -> None:
     """``_check_layout_kept`` run eagerly, from a compiled step whose static hyperparameters changed."""
     opt._check_layout_kept(group, rule, params)
