@@ -120,65 +120,64 @@ class PublishedStyleAdamC(_PublishedStyle):
                 p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
 
 
-class PublishedStyleSGDC(torch.optim.Optimizer):
+class _PerParameter(torch.optim.Optimizer):
+    """The published loop: the group's priority (one host read per tensor), then each parameter
+    with a gradient updated on its own, its buffer made on first use."""
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            norm = _PublishedStyle._priority(group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["buffer"] = _Buffer(group["topC"])
+                self._update(p, state, group, norm)
+                state["buffer"].decay(group["decay"])
+
+
+class PublishedStyleSGDC(_PerParameter):
     """SGD with critical gradients (aggregate: the gradient plus the buffer's mean), synced
     priorities, per-parameter Python-side buffers; torch.optim.SGD's momentum and dampening."""
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, decay=0.7, topC=10):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, decay=decay, topC=topC))
 
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            lr, mom, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
-            norm = _PublishedStyle._priority(group)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["buffer"] = _Buffer(group["topC"])
-                d = p.grad.add(p, alpha=wd) if wd else p.grad
-                buffer = state["buffer"]
-                a = d + buffer.mean() if buffer.items else d
-                buffer.offer(norm, d)
-                if mom:
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = a.clone()
-                    else:
-                        state["momentum_buffer"].mul_(mom).add_(a, alpha=1 - damp)
-                    a = state["momentum_buffer"]
-                buffer.decay(group["decay"])
-                p.add_(a, alpha=-lr)
+    def _update(self, p, state, group, norm):
+        lr, mom, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
+        d = p.grad.add(p, alpha=wd) if wd else p.grad
+        buffer = state["buffer"]
+        a = d + buffer.mean() if buffer.items else d
+        buffer.offer(norm, d)
+        if mom:
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = a.clone()
+            else:
+                state["momentum_buffer"].mul_(mom).add_(a, alpha=1 - damp)
+            a = state["momentum_buffer"]
+        p.add_(a, alpha=-lr)
 
 
-class PublishedStyleRMSpropC(torch.optim.Optimizer):
+class PublishedStyleRMSpropC(_PerParameter):
     """RMSprop with critical gradients (aggregate: the buffer's mean, the gradient itself while the
     buffer is empty), synced priorities, per-parameter Python-side buffers; plain RMSprop."""
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, decay=0.7, topC=10):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, decay=decay, topC=topC))
 
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            lr, alpha, eps, wd = group["lr"], group["alpha"], group["eps"], group["weight_decay"]
-            norm = _PublishedStyle._priority(group)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["buffer"] = _Buffer(group["topC"])
-                    state["square_avg"] = torch.zeros_like(p)
-                buffer = state["buffer"]
-                a = buffer.mean() if buffer.items else p.grad
-                buffer.offer(norm, p.grad)
-                if wd:
-                    a = a.add(p, alpha=wd)
-                state["square_avg"].mul_(alpha).addcmul_(a, a, value=1 - alpha)
-                buffer.decay(group["decay"])
-                p.addcdiv_(a, state["square_avg"].sqrt().add_(eps), value=-lr)
+    def _update(self, p, state, group, norm):
+        lr, alpha, eps, wd = group["lr"], group["alpha"], group["eps"], group["weight_decay"]
+        if "square_avg" not in state:
+            state["square_avg"] = torch.zeros_like(p)
+        buffer = state["buffer"]
+        a = buffer.mean() if buffer.items else p.grad
+        buffer.offer(norm, p.grad)
+        if wd:
+            a = a.add(p, alpha=wd)
+        state["square_avg"].mul_(alpha).addcmul_(a, a, value=1 - alpha)
+        p.addcdiv_(a, state["square_avg"].sqrt().add_(eps), value=-lr)
 
 
 PUBLISHED_STYLE = {
