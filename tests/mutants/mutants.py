@@ -50,6 +50,9 @@ SUBSETS = {
         "properties/test_prop_buffer_invariants.py",
         "tests/test_field_ready.py::test_buf_sum_stays_exact_over_a_falling_scale_sweep",
     ],
+    "recipe": [
+        "tests/test_compile_recipe.py::test_recipe_refuses_a_structural_change_and_applies_a_neutral_one_like_eager",
+    ],
     "stepper": [
         "tests/test_compiled_runs.py",
         "tests/test_compiled_buffers.py",
@@ -475,5 +478,36 @@ MUTANTS: list[Mutant] = [
         "synced critical rules never take the flat layout",
         "gap: a synced rule steps flat by default (the flat layout is what is tested)",
         tests="stepper",
+    ),
+    Mutant(
+        "st-hyper-always-same", STEPPER,
+        "    return type(value) in (int, float) and type(held) is type(value) and held == value",
+        "    return True",
+        "set_hyper takes every number for the one its tensor already holds, so it never writes",
+        "gap: a changed lr reaches the step (the skip is for unchanged numbers only)",
+        tests="stepper",
+    ),
+    Mutant(
+        "st-grads-never-checked", STEPPER,
+        "        return all(p is leaf and p.grad is view for p, leaf, view in zip(params, self._leaves, self._grad_views))",
+        "        return True",
+        "a flat compiled group never re-checks its gradients, whatever .grad holds",
+        "gap: a gradient set by hand after the first step is checked (a sparse one is refused, nothing moves)",
+        tests="stepper",
+    ),
+    Mutant(
+        "cb-host-read-one-row", CB,
+        "        row=dict(zip(idx, rows)),",
+        "        row=dict.fromkeys(idx, 0),",
+        "the host slot read is shared by every leaf, so unsynced leaves write the first leaf's slot",
+        "gap: each unsynced leaf writes its own chosen slot",
+    ),
+    Mutant(
+        "opt-recipe-layout-unchecked", "memopt_func/optim.py",
+        "                _check_layout_outside_graph(self, group, rule, params)",
+        "                pass",
+        "under torch.compile(opt.step) a changed topC is stepped without a word",
+        "gap: the recipe refuses a layout change as eager does",
+        tests="recipe",
     ),
 ]
