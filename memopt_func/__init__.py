@@ -20,8 +20,9 @@ SPEC.md in the project defines the exact numbers each rule computes. Speed machi
 
 from . import optim, rules
 from .optim import AdEMAMix, Adam_C, Adam_CM, MemoryOptimizer, RMSprop_C, SGD_C, from_rule
+from ._scratch import Scratch
 from .rules import RULES, Rule
 
-__all__ = ["optim", "rules", "RULES", "Rule", "MemoryOptimizer", "from_rule", "Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix"]
+__all__ = ["optim", "rules", "RULES", "Rule", "Scratch", "MemoryOptimizer", "from_rule", "Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix"]
 
 __version__ = "0.1.0"

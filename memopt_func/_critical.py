@@ -45,6 +45,12 @@ class CriticalRule(Rule):
 
     BASE: type[Rule]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        base = cls.__dict__.get("BASE")
+        if base is not None and "ELEMENTWISE" not in cls.__dict__:
+            cls.ELEMENTWISE = base.ELEMENTWISE  # the buffer's own work is element-wise
+
     def __init__(self, **hyper: Any) -> None:
         super().__init__(**hyper)
         base_names = {h.name for h in self.BASE.HYPERS}
@@ -89,7 +95,7 @@ class CriticalRule(Rule):
         if ctx.norms is not None:
             norms = ctx.norms.full_norms(norms)
         decision = cb.decide(
-            crit, idx, cb.priority_of(crit, norms), h["critical_test"], h["seed"], torch.isfinite(norms), ctx.segments
+            crit, idx, cb.priority_of(crit, norms), h["critical_test"], h.get("seed", 0), torch.isfinite(norms), ctx.segments
         )
 
         def part_update(params, grads, both, idx, h, ctx):

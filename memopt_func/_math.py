@@ -19,7 +19,7 @@ TensorList = Sequence[Tensor]
 # ``_foreach`` kernels, or one op per tensor, out of place. The per-tensor form is what
 # ``torch.func.vmap`` batches (``_foreach`` ops have no batching rules) and what autograd
 # differentiates (no temporary is overwritten after an op saved it for its backward).
-_state = {"per_tensor": False}
+_state: dict = {"per_tensor": False, "scratch": None}
 
 
 class per_tensor_ops:
@@ -40,28 +40,53 @@ def is_per_tensor() -> bool:
     return _state["per_tensor"]
 
 
-def _at(v, i: int, x: Tensor):
-    """Entry i of a per-tensor argument; a 0-d tensor is cast to x's dtype, as the multi-tensor
-    kernels (and TensorIterator, for a 0-d operand) use it, whatever vmap's batching makes of it."""
-    v = v[i] if isinstance(v, (list, tuple)) else v
-    if isinstance(v, Tensor) and v.dim() == 0 and v.dtype != x.dtype and x.is_floating_point():
-        return v.to(x.dtype)
-    return v
+class using_scratch:
+    """``with using_scratch(s):`` the element-wise temporaries of large tensors come from the
+    ``_scratch.Scratch`` s (None: allocated as usual). Eager multi-tensor steps only."""
+
+    def __init__(self, scratch) -> None:
+        self.scratch = scratch
+
+    def __enter__(self) -> None:
+        self.before = _state["scratch"]
+        _state["scratch"] = self.scratch
+
+    def __exit__(self, *exc) -> None:
+        _state["scratch"] = self.before
 
 
-_SINGLE = {
-    "neg": lambda x: torch.neg(x),
-    "sqrt": lambda x: torch.sqrt(x),
-    "norm": lambda x, ord=2, dtype=None: torch.linalg.vector_norm(x, ord, dtype=dtype),
-    "mul": lambda x, a: torch.mul(x, a),
-    "div": lambda x, a: torch.div(x, a),
-    "add": lambda x, a, alpha=1: torch.add(x, a, alpha=alpha),
-    "maximum": lambda x, a: torch.maximum(x, a),
-    "lerp": lambda x, y, w: torch.lerp(x, y, w),
-    "addcmul": lambda x, t1, t2, value=1: torch.addcmul(x, t1, t2, value=value) if not isinstance(value, Tensor) else x + t1 * t2 * value,
-    "addcdiv": lambda x, t1, t2, value=1: torch.addcdiv(x, t1, t2, value=value) if not isinstance(value, Tensor) else x + t1 / t2 * value,
-    "copy": lambda x, y: y.to(x.dtype).expand_as(x).clone(),
-}
+# out-of-place ops whose result fe may write into a scratch tensor of x's dtype (``out=``)
+_INTO = {"sqrt", "mul", "div", "add", "lerp", "maximum", "neg", "addcmul", "addcdiv"}
+
+
+def _into_scratch(name: str, xs: TensorList, args: tuple, kwargs: dict) -> list[Tensor] | None:
+    """``fe(name, ...)`` with the results of the large tensors written into scratch tensors
+    (tensor by tensor, ``out=``) and the small ones by the multi-tensor op as usual; None where
+    that does not apply: no scratch, no large tensor, an in-place name, or an operand that
+    would promote the result past x's dtype. The same kernels as the multi-tensor op (on a CPU
+    it runs them tensor by tensor), so the same numbers."""
+    scratch = _state["scratch"]
+    if scratch is None or name not in _INTO or len(args) > 2:
+        return None
+    large = [i for i, x in enumerate(xs) if x.numel() >= scratch.min_numel]
+    if not large:
+        return None
+    pick = lambda v, i: v[i] if isinstance(v, (list, tuple)) else v  # noqa: E731
+    for i in large:
+        for v in args:
+            v = pick(v, i)
+            if isinstance(v, Tensor) and (v.dim() and v.dtype != xs[i].dtype or v.dim() == 0 and not v.is_floating_point()):
+                return None
+    op = getattr(torch, name)
+    out: list = [None] * len(xs)
+    for i in large:
+        out[i] = op(xs[i], *(pick(v, i) for v in args), **kwargs, out=scratch.like(xs[i]))
+    small = [i for i in range(len(xs)) if out[i] is None]
+    if small:
+        sub = [[v[i] for i in small] if isinstance(v, (list, tuple)) else v for v in args]
+        for i, r in zip(small, getattr(torch, f"_foreach_{name}")([xs[i] for i in small], *sub, **kwargs)):
+            out[i] = r
+    return out
 
 
 def fe(name: str, xs: TensorList, *args, **kwargs) -> list[Tensor]:
@@ -69,7 +94,13 @@ def fe(name: str, xs: TensorList, *args, **kwargs) -> list[Tensor]:
     them. In per-tensor mode each tensor gets its own out-of-place op, and the results are
     returned whatever the name (lists among the arguments are taken entry by entry; a list of
     0-d tensors as addcmul's/addcdiv's third argument is the per-tensor ``value``)."""
+    if not xs:
+        return []
     if not _state["per_tensor"]:
+        if _state["scratch"] is not None:
+            into = _into_scratch(name, xs, args, kwargs)
+            if into is not None:
+                return into
         out = getattr(torch, f"_foreach_{name}")(xs, *args, **kwargs)
         return list(xs) if name.endswith("_") else list(out)
     op = _SINGLE[name.rstrip("_")]
@@ -80,11 +111,16 @@ def fe(name: str, xs: TensorList, *args, **kwargs) -> list[Tensor]:
     ]
 
 
-def per_leaf(vec: Tensor, like: TensorList | None = None) -> list[Tensor]:
+def per_leaf(vec: Tensor, like: TensorList | None = None, operand: bool = False) -> list[Tensor]:
     """A 1-D tensor of per-leaf scalars as a list of 0-d tensors, for ``_foreach`` ops.
 
     A 0-d scalar would promote a 0-d leaf of a lower dtype (0-d with 0-d promotes by dtype), so
-    for the 0-d leaves of ``like`` the scalar is cast to the leaf's dtype first."""
+    for the 0-d leaves of ``like`` the scalar is cast to the leaf's dtype first. ``operand``
+    says the scalars go straight into element-wise ops with float32 ``like`` tensors, which cast
+    each one to float32 before computing: an eager step casts the vector once instead."""
+    if operand and like and vec.dtype == torch.float64 and not torch.compiler.is_compiling():
+        if all(x.dtype == torch.float32 for x in like):
+            vec = vec.to(torch.float32)
     if vec.is_floating_point():
         # Identity (a running sum over one element), but a scan is a fusion barrier: without it
         # torch.compile inlines the scalar math that made vec (pow, sqrt, division of the step
@@ -186,7 +222,7 @@ def adam_denominator(vs: TensorList, b2: Scalar, t: Tensor, eps: Scalar) -> list
     """sqrt(v) / sqrt(1 - b2**t) + eps, one bias correction per leaf (t is the leaves' step vector)."""
     bc2_sqrt = torch.sqrt(1 - b2**t)
     d = fe("sqrt", vs)  # fresh: the rest works in place on it
-    d = fe("div_", d, per_leaf(bc2_sqrt, vs))
+    d = fe("div_", d, per_leaf(bc2_sqrt, vs, operand=True))
     return add_scalar_(d, eps)
 
 
@@ -195,12 +231,21 @@ def adam_apply(
 ) -> list[Tensor]:
     """p - (lr / (1 - b1**t)) * num / denom, with one step size per leaf (a device tensor, so it
     goes into ``denom``, a fresh temporary of ``adam_denominator``)."""
-    return addcdiv(params, num, denom, per_leaf(-(lr / (1 - b1**t)), num), inplace)
+    return addcdiv(params, num, denom, per_leaf(-(lr / (1 - b1**t)), num, operand=True), inplace)
 
 
 def amsgrad_max(vmax: TensorList, vs: TensorList, inplace: bool = False) -> list[Tensor]:
     """max(vmax, v)."""
     return fe("maximum_" if inplace else "maximum", vmax, vs)
+
+
+def scratch_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An uninitialized temporary of x's shape (and dtype unless given) that dies within the
+    step: from the step's ``Scratch`` when one is active, else freshly allocated."""
+    scratch = _state["scratch"]
+    if scratch is not None:
+        return scratch.like(x, dtype)
+    return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
 
 
 def zeros_like(leaves: TensorList, dtype: torch.dtype | None = None) -> tuple[Tensor, ...]:
@@ -221,4 +266,9 @@ def where(conds: TensorList, xs: TensorList, ys: TensorList, inplace: bool = Fal
     """Per leaf: x where its 0-d condition holds, else y (written into y when inplace)."""
     if inplace and not _state["per_tensor"]:
         return [torch.where(c, x, y, out=y) for c, x, y in zip(conds, xs, ys)]
+    if _state["scratch"] is not None and not _state["per_tensor"]:
+        return [
+            torch.where(c, x, y, out=scratch_like(x)) if x.dtype == y.dtype and x.shape == y.shape else torch.where(c, x, y)
+            for c, x, y in zip(conds, xs, ys)
+        ]
     return [torch.where(c, x, y) for c, x, y in zip(conds, xs, ys)]

@@ -39,6 +39,8 @@ class StepContext(NamedTuple):
     segments: list[Segments | None] | None  # per present leaf, see Rule.step
     parts: list[list[int]]  # positions among the present leaves, a run at a time, see Rule.step
     norms: Any = None  # a sharding.NormReducer when the leaves are shards of DTensors
+    scratch: Any = None  # a _scratch.Scratch for the temporaries of an eager donated step
+    chunk: int | None = None  # a leaf larger than this runs a slice at a time (see in_parts), if not None
 
 
 class Rule:
@@ -52,6 +54,10 @@ class Rule:
     """
 
     HYPERS: ClassVar[tuple[Hyper, ...]] = ()
+    #: ``_update`` is element-wise within each leaf (no reduction over a leaf's elements, state
+    #: shaped like the leaf, optionally with leading dims), so an eager CPU step may run a large
+    #: leaf a slice at a time (``chunk_numel``) with the same numbers. Off unless declared.
+    ELEMENTWISE: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -122,6 +128,7 @@ class Rule:
         donate: bool = False,
         segments: Sequence[Segments | None] | None = None,
         chunk_numel: int | None = None,
+        scratch: Any = None,
         **per_step: Any,
     ):
         """One update: returns ``(new_params, new_state)``; inputs are never mutated.
@@ -140,9 +147,13 @@ class Rule:
         many elements, one run after the other (group-wide decisions such as a synced buffer's
         admission are still made once): same numbers, but each run's working set stays in cache
         on a CPU. None (the default, and what torch.compile wants) takes all leaves at once.
+        ``scratch`` (a ``memopt_func.Scratch`` kept from step to step) serves the temporaries of
+        large tensors in an eager donated step from memory it keeps, instead of fresh allocations
+        that a CPU faults in again every step; with it, a rule whose update is element-wise
+        (``ELEMENTWISE``) runs a leaf larger than ``chunk_numel`` a slice at a time. Same numbers.
         """
         prepared = self.prepare(params, grads, state, segments=segments, chunk_numel=chunk_numel, **per_step)
-        return self.run(prepared, state, donate=donate)
+        return self.run(prepared, state, donate=donate, scratch=scratch)
 
     def prepare(
         self,
@@ -152,14 +163,17 @@ class Rule:
         *,
         segments: Sequence[Segments | None] | None = None,
         chunk_numel: int | None = None,
+        state_checked: bool = False,
         **per_step: Any,
     ) -> "Prepared":
         """Every check ``step`` makes, with nothing computed or changed: a step's inputs as
         ``run`` takes them. A caller stepping several groups prepares them all first, so that a bad
-        input anywhere raises before any group is updated."""
+        input anywhere raises before any group is updated. ``state_checked`` skips the state's
+        layout check, for a caller that knows the state is the one this rule's last step returned."""
         leaves, spec = _tree.flatten_params(params)
         gleaves = _tree.flatten_grads(grads, spec, leaves)
-        self.check_state(state, leaves)
+        if not state_checked:
+            self.check_state(state, leaves)
         h = self._resolve(per_step)
         if per_step and leaves and torch.compiler.is_compiling():
             special = {x.name: x.zero_is_special for x in self.HYPERS}
@@ -169,8 +183,10 @@ class Rule:
         idx = [i for i, g in enumerate(gleaves) if g is not None]
         return Prepared(params, leaves, spec, gleaves, idx, h, segments, chunk_numel)
 
-    def run(self, prepared: "Prepared", state: NamedTuple, *, donate: bool = False):
-        """The step of prepared inputs (see ``prepare`` and ``step``)."""
+    def run(self, prepared: "Prepared", state: NamedTuple, *, donate: bool = False, scratch=None):
+        """The step of prepared inputs (see ``prepare`` and ``step``). ``scratch`` (a
+        ``_scratch.Scratch`` kept by the caller from step to step) holds the temporaries of large
+        tensors in an eager donated multi-tensor step, instead of fresh allocations."""
         params, leaves, spec, gleaves, idx, h, segments, chunk_numel = prepared
         if not idx:
             return params, state
@@ -186,13 +202,18 @@ class Rule:
         if store is not None:  # the update sees its inputs at compute precision
             present, grads, local_state = store.decode(present, grads, local_state, idx)
         per_tensor = self._per_tensor(h, present, grads)
+        donate = donate and not per_tensor
+        if not donate or torch.compiler.is_compiling():
+            scratch = None
         ctx = StepContext(
-            donate=donate and not per_tensor,
+            donate=donate,
             segments=_tree.take(segments, idx) if segments else None,
             parts=_parts([leaves[i].numel() for i in idx], chunk_numel),
             norms=reducer,
+            scratch=scratch,
+            chunk=chunk_numel if scratch is not None and self.ELEMENTWISE else None,
         )
-        with M.per_tensor_ops(per_tensor):
+        with M.per_tensor_ops(per_tensor), M.using_scratch(scratch):
             if h.get("maximize"):
                 grads = M.fe("neg", grads)
             new_present, new_state = self._update_all(present, grads, local_state, idx, h, ctx)
@@ -289,11 +310,15 @@ def check_chunk_numel(chunk_numel: Any) -> None:
 
 
 def _parts(numels: list[int], chunk_numel: int | None) -> list[list[int]]:
-    """Consecutive positions grouped into runs of at least chunk_numel elements (the last may be short)."""
+    """Consecutive positions grouped into runs of at least chunk_numel elements (the last may be
+    short); a position of more than chunk_numel elements is a run of its own."""
     if chunk_numel is None:
         return [list(range(len(numels)))]
     parts, run, size = [], [], 0
     for j, n in enumerate(numels):
+        if n > chunk_numel and run:
+            parts.append(run)
+            run, size = [], 0
         run.append(j)
         size += n
         if size >= chunk_numel:
@@ -303,20 +328,82 @@ def _parts(numels: list[int], chunk_numel: int | None) -> list[list[int]]:
 
 
 def in_parts(update, params, grads, state, idx, h, ctx: StepContext):
-    """``update(params, grads, state, idx, h, ctx)`` over each of ``ctx.parts``, threading the state."""
-    if len(ctx.parts) == 1:
-        return update(params, grads, state, idx, h, ctx)
+    """``update(params, grads, state, idx, h, ctx)`` over each of ``ctx.parts``, threading the
+    state. With ``ctx.scratch`` each part starts the scratch afresh, and whatever a part returns
+    that lies in it (a rule that keeps a temporary as state) is copied out first."""
+    if len(ctx.parts) == 1 and not (len(idx) == 1 and _sliceable(params[0], grads[0], state, idx[0], ctx, 0)):
+        return _scratch_checked(ctx.scratch, update, params, grads, state, idx, h, ctx)
     new_params = list(params)
     for part in ctx.parts:
+        if len(part) == 1 and _sliceable(params[part[0]], grads[part[0]], state, idx[part[0]], ctx, part[0]):
+            j = part[0]
+            new_params[j], state = _in_slices(update, params[j], grads[j], state, idx[j], h, ctx)
+            continue
         sub = _tree.take(idx, part)
         segments = _tree.take(ctx.segments, part) if ctx.segments else None
-        moved, state = update(
-            _tree.take(params, part), _tree.take(grads, part), state, sub, h,
+        moved, state = _scratch_checked(
+            ctx.scratch, update, _tree.take(params, part), _tree.take(grads, part), state, sub, h,
             _tree.replace(ctx, segments=segments, parts=[list(range(len(part)))]),
         )
         for j, p in zip(part, moved):
             new_params[j] = p
     return new_params, state
+
+
+def _sliceable(p: Tensor, g: Tensor, state, i: int, ctx: StepContext, j: int) -> bool:
+    """Whether leaf i's element-wise work may run a slice at a time (``_in_slices``): an eager
+    donated step with a scratch (so on a CPU, never compiled or transformed), a rule whose
+    update is element-wise, a leaf larger than a chunk and not segmented, and every tensor of the
+    leaf contiguous, so that each slice is a view the update writes in place."""
+    if ctx.chunk is None or p.numel() <= ctx.chunk:
+        return False
+    if ctx.segments and ctx.segments[j] is not None:
+        return False
+    tensors = [p, g]
+    for entry in _tree.leaf_entries(state, i):
+        if not isinstance(entry, Tensor):  # 8-bit codes
+            return False
+        tensors.append(entry)
+    return all(t.is_contiguous() for t in tensors)
+
+
+def _in_slices(update, p: Tensor, g: Tensor, state, i: int, h, ctx: StepContext):
+    """One leaf's update a slice of ``ctx.chunk`` elements at a time, in place: each slice
+    sees views of the parameter, gradient and per-leaf state entries, and the state's other
+    fields (step counters, keys) as they were before the step, so that they move once; they are
+    taken from the first slice. Same numbers as the whole leaf at once (element-wise rules)."""
+    n, chunk = p.numel(), ctx.chunk
+    sub_ctx = _tree.replace(ctx, segments=None, parts=[[0]])
+    first = None
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+
+        def cut(t: Tensor, start=start, stop=stop) -> Tensor:
+            return t.view(*t.shape[: t.dim() - p.dim()], n)[..., start:stop]
+
+        views = _tree.map_leaf_entries(state, [i], cut)
+        pv = p.view(-1)[start:stop]
+        ctx.scratch.reset()  # what the slice returns is copied into its views below
+        (new_p,), after = update([pv], [g.view(-1)[start:stop]], views, [i], h, sub_ctx)
+        if new_p is not pv:
+            pv.copy_(new_p)
+        for view, new in zip(_tree.leaf_entries(views, i), _tree.leaf_entries(after, i)):
+            if new is not view:
+                view.copy_(new)
+        if first is None:
+            first = after
+    return p, _tree.with_leaf_entries(first, state, i)
+
+
+def _scratch_checked(scratch, update, params, grads, state, idx, h, ctx):
+    if scratch is None:
+        return update(params, grads, state, idx, h, ctx)
+    scratch.reset()
+    moved, state = update(params, grads, state, idx, h, ctx)
+    if not scratch.handed_out:
+        return moved, state
+    kept = lambda t: t.clone() if isinstance(t, Tensor) and scratch.holds(t) else t  # noqa: E731
+    return [kept(p) for p in moved], _tree.map_leaf_entries(state, idx, kept)
 
 
 def _per_step_value(hyper: Hyper, value: Any) -> Any:

@@ -147,6 +147,48 @@ def _per_leaf_fields(state: Any):
             yield field, value
 
 
+def map_leaf_entries(state: Any, idx: Sequence[int], fn) -> Any:
+    """The state with ``fn`` applied to the per-leaf entries (of every per-leaf field, nested
+    states included) at positions idx; everything else as it was."""
+    if not (isinstance(state, tuple) and hasattr(state, "_fields")):
+        return state
+    changes = {}
+    for field in state._fields:
+        value = getattr(state, field)
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            changes[field] = map_leaf_entries(value, idx, fn)
+        elif isinstance(value, tuple) and value:
+            changes[field] = put(value, idx, [fn(value[i]) for i in idx])
+    return replace(state, **changes)
+
+
+def leaf_entries(state: Any, i: int) -> list[Any]:
+    """The entries at position i of every per-leaf field (nested states included), in field order."""
+    out = []
+    for field in getattr(state, "_fields", ()):
+        value = getattr(state, field)
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            out.extend(leaf_entries(value, i))
+        elif isinstance(value, tuple) and value:
+            out.append(value[i])
+    return out
+
+
+def with_leaf_entries(state: Any, source: Any, i: int) -> Any:
+    """state with the entries at position i of its per-leaf fields taken from source (a state
+    of the same layout)."""
+    if not (isinstance(state, tuple) and hasattr(state, "_fields")):
+        return state
+    changes = {}
+    for field in state._fields:
+        value, other = getattr(state, field), getattr(source, field)
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            changes[field] = with_leaf_entries(value, other, i)
+        elif isinstance(value, tuple) and value:
+            changes[field] = put(value, [i], [other[i]])
+    return replace(state, **changes)
+
+
 def meta_like(params: Sequence[Tensor]) -> list[Tensor]:
     """Shape-and-dtype stand-ins on the meta device (a DTensor's global shape), to lay out a
     state without computing or allocating one."""

@@ -77,6 +77,7 @@ class Adam(Rule):
     """Adam (Kingma & Ba, 2015) with coupled L2 weight decay, as ``torch.optim.Adam``."""
 
     HYPERS = ADAM_HYPERS
+    ELEMENTWISE = True
     DECOUPLED = False
 
     def _init(self, leaves):

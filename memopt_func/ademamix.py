@@ -35,6 +35,8 @@ def _per_leaf_or_scalar(x, like):
 class AdEMAMix(Rule):
     """AdEMAMix, as the PyTorch reference computes it."""
 
+    ELEMENTWISE = True
+
     HYPERS = (
         H.lr(1e-3),
         H.Hyper("betas", (0.9, 0.999, 0.9999), H.betas(3), dynamic=True),
@@ -91,7 +93,7 @@ class AdEMAMix(Rule):
         v = M.ema_sq(_tree.take(state.exp_avg_sq, idx), grads, b2, ctx.donate)
         denom = M.adam_denominator(v, b2, t, eps)
         # u = (m1 / (1 - b1**t) + alpha_t * m2) / denom (+ weight_decay * p), built in one fresh tensor
-        u = M.scale(m1, M.per_leaf(1 / (1 - b1**t), grads))
+        u = M.scale(m1, M.per_leaf(1 / (1 - b1**t), grads, operand=True))
         u = M.axpy(u, alpha_t, m2, inplace=True)
         u = M.fe("div_", u, denom)
         if not M.is_zero(wd):

@@ -123,14 +123,36 @@ def aggregate(state: CriticalBufferState, xs: Sequence[Tensor], idx: Sequence[in
     """
     count = state.count.to(torch.float64)
     count = count.expand(len(idx)) if _synced(state) else _tree.rows(count, idx)
-    sums = [t.to(x.dtype) for t, x in zip(_tree.take(state.buf_sum, idx), xs)]
+    sums = _converted(_tree.take(state.buf_sum, idx), xs)
     if aggr == "mean":
         out = M.fe("add", xs, sums, alpha=kappa)
         return M.fe("mul_", out, M.per_leaf(1.0 / (count + 1), xs))
-    weight = M.per_leaf(kappa / count.clamp(min=1), sums)  # kappa * mean = buf_sum * weight
+    weight = M.per_leaf(kappa / count.clamp(min=1), sums, operand=True)  # kappa * mean = buf_sum * weight
     if aggr == "sum":
         return M.fe("addcmul", xs, sums, weight)
-    return M.where(is_empty(state, idx), xs, M.scale(sums, weight))
+    empty = empty_rows(state, idx)
+    on_host = host_flags(empty, xs[0]) if xs else None
+    if on_host is None:
+        return M.where(M.per_leaf(empty), xs, M.scale(sums, weight))
+    # the flags read on the host: an empty buffer's leaf takes x itself, the others kappa * mean
+    full = [k for k, e in enumerate(on_host) if not e]
+    scaled = iter(M.scale(_tree.take(sums, full), _tree.take(weight, full)))
+    return [xs[k] if e else next(scaled) for k, e in enumerate(on_host)]
+
+
+def _converted(sums: Sequence[Tensor], xs: Sequence[Tensor]) -> list[Tensor]:
+    """Each sum in its x's dtype: ``t.to(x.dtype)``, written into scratch tensors by one
+    multi-tensor copy in an eager step (the same rounding)."""
+    if (
+        torch.compiler.is_compiling()
+        or M.is_per_tensor()
+        or any(t.dtype == x.dtype for t, x in zip(sums, xs))
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in sums))
+    ):
+        return [t.to(x.dtype) for t, x in zip(sums, xs)]
+    out = [M.scratch_like(t, x.dtype) for t, x in zip(sums, xs)]
+    torch._foreach_copy_(out, sums)
+    return out
 
 
 class Decision(NamedTuple):
@@ -148,6 +170,10 @@ class Decision(NamedTuple):
     # leaf index -> its position among the moved rows (0 for every leaf of a synced group): leaves
     # with the same position share one slot, which ``write`` reads on the host once
     row: dict[int, int]
+    slot: Tensor  # [R] the moved rows' slots
+    full: Tensor  # [R] bool, the row's buffer was full before the offer
+    flags: Tensor | None  # [L] bool, each decided leaf admitted (None: some leaf has a flag per element)
+    at: dict[int, int]  # leaf index -> its position among the decided leaves (in ``flags``)
 
 
 def decide(
@@ -194,9 +220,18 @@ def decide(
     else:
         left_out = (~finite).to(torch.int64)
     rows = [0] * len(idx) if synced else list(range(len(idx)))
-    leaf_ok = _leaf_flags(finite, segments) if finite is not None and synced else [None] * len(idx)
-    # one set of row values shared by the leaves of that row (every leaf of a synced group)
-    per_row = {r: (slot[r].reshape(1), admitted[r], filled[r], full[r]) for r in dict.fromkeys(rows)}
+    # per row, shared by the leaves of that row (every leaf of a synced group): unbound in one op each
+    per_row = list(zip(slot[:, None].unbind(0), admitted.unbind(0), filled.unbind(0), full.unbind(0)))
+    segmented = bool(segments) and any(runs is not None for runs in segments)
+    if finite is None or not synced:
+        flags = admitted if not synced else admitted.expand(len(idx))
+        leaf_adm = [per_row[r][1] for r in rows]
+    elif not segmented:  # one finiteness flag per leaf
+        flags = admitted & finite
+        leaf_adm = list(flags.unbind(0))
+    else:  # a flag per element of a segmented leaf
+        flags = None
+        leaf_adm = [per_row[0][1] & ok for ok in _leaf_flags(finite, segments)]
     return Decision(
         moved=moved,
         keys=keys.scatter(1, slot[:, None], new_key[:, None]),
@@ -204,11 +239,12 @@ def decide(
         offers=offers + 1,
         accepted=_tree.rows(state.accepted, moved) + admitted.to(torch.int64),
         nonfinite=_tree.rows(state.nonfinite, moved) + left_out,
-        leaf={
-            i: (per_row[r][0], per_row[r][1] if ok is None else per_row[r][1] & ok, per_row[r][2], per_row[r][3])
-            for i, r, ok in zip(idx, rows, leaf_ok)
-        },
+        leaf={i: (per_row[r][0], adm, per_row[r][2], per_row[r][3]) for i, r, adm in zip(idx, rows, leaf_adm)},
         row=dict(zip(idx, rows)),
+        slot=slot,
+        full=full,
+        flags=flags,
+        at={i: k for k, i in enumerate(idx)},
     )
 
 
@@ -255,7 +291,12 @@ def write(
     top_c = state.keys.shape[1]
     new_buf, new_sum = [], []
     slots: dict[int, Any] = {}  # the host reads made so far, by row (``Decision.row``)
+    done = _write_whole_on_host(state, xs, idx, decision) if donate and not torch.compiler.is_compiling() else set()
     for x, i in zip(xs, idx):
+        if i in done:  # written in place already
+            new_buf.append(state.buf[i])
+            new_sum.append(state.buf_sum[i])
+            continue
         s, adm, filled, was_full = decision.leaf[i]
         buf, total = state.buf[i], state.buf_sum[i]
         stored = x.to(buf.dtype)
@@ -310,6 +351,49 @@ def write(
     return _tree.replace(state, buf=_tree.put(state.buf, idx, new_buf), buf_sum=_tree.put(state.buf_sum, idx, new_sum))
 
 
+def _write_whole_on_host(state: CriticalBufferState, xs: Sequence[Tensor], idx: Sequence[int], decision: Decision) -> set[int]:
+    """The donated eager writes of the leaves whose slot and one admission flag are read on the
+    host (``slot_on_host``; not float64 slots, which ``write`` sums afresh): nothing for a refused
+    offer; for an admitted one ``buf_sum += x - old`` (``old`` is 0 in a slot not filled before),
+    then ``buf[s] = x``, in place, in a few multi-tensor ops for all such leaves. The numbers of
+    ``_running_sum`` and the masked write in ``write``. Returns the leaves it took."""
+    bufs = [b for b in _tree.take(state.buf, idx) if isinstance(b, Tensor)]
+    if decision.flags is None or not bufs or not slot_on_host(bufs[0]):
+        return set()
+    top_c = state.keys.shape[1]
+    # the decision on the host: three reads for all the leaves
+    admitted, full, slot = decision.flags.tolist(), decision.full.tolist(), decision.slot.tolist()
+    taken: set[int] = set()
+    replace: tuple[list, list, list] = ([], [], [])  # (buf_sum, stored, row) where a slot is replaced
+    fill: tuple[list, list, list] = ([], [], [])  # ... where an empty slot is filled
+    for x, i in zip(xs, idx):
+        buf = state.buf[i]
+        if not isinstance(buf, Tensor) or buf.dtype == torch.float64:
+            continue
+        taken.add(i)
+        if not admitted[decision.at[i]]:
+            continue  # refused: nothing moves
+        r = decision.row[i]
+        if not 0 <= slot[r] < top_c:
+            raise RuntimeError(f"critical buffer: slot {slot[r]} out of range for topC={top_c}")
+        kind = replace if full[r] else fill
+        kind[0].append(state.buf_sum[i])
+        kind[1].append(x if x.dtype == buf.dtype else x.to(buf.dtype))
+        kind[2].append(buf.select(0, slot[r]))
+    totals, stored, rows = replace
+    if totals:  # x - old in float64 (exact for the slots' values), then the sum moves
+        change = [M.scratch_like(x, torch.float64) for x in stored]
+        torch._foreach_copy_(change, stored)
+        torch._foreach_sub_(change, rows)
+        torch._foreach_add_(totals, change)
+        torch._foreach_copy_(rows, stored)
+    totals, stored, rows = fill
+    if totals:
+        torch._foreach_add_(totals, stored)
+        torch._foreach_copy_(rows, stored)
+    return taken
+
+
 def _running_sum(total: Tensor, stored: Tensor, here: Tensor, adm: Tensor | None, was_full: Tensor, donate: bool) -> Tensor:
     """``buf_sum`` after ``stored`` replaces ``here`` where admitted (everywhere for adm None;
     the old value counts as 0 in a slot not filled before)."""
@@ -330,6 +414,15 @@ def slot_on_host(buf: Tensor) -> bool:
     if torch.compiler.is_compiling():
         return bool(torch._dynamo.config.capture_scalar_outputs)
     return torch._C._functorch.peek_interpreter_stack() is None
+
+
+def host_flags(flags: Tensor, like: Tensor) -> list[bool] | None:
+    """``flags`` read on the host, where an eager step may read like's values there
+    (``slot_on_host``, not while compiling); None elsewhere. A step that knows a per-leaf flag
+    skips element-wise work whose result the flag makes an identity."""
+    if torch.compiler.is_compiling() or not slot_on_host(like):
+        return None
+    return flags.tolist()
 
 
 def _host_index(s: Tensor, top_c: int) -> Any:

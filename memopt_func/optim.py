@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import _tree
 from ._rule import Rule
+from ._scratch import Scratch
 from .storage import Quantized
 from .adam_c import Adam_C as _AdamCRule
 from .adam_cm import Adam_CM as _AdamCMRule
@@ -106,7 +107,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
     RULE: type[Rule]
     #: On a CPU, step the element-wise work over runs of parameters of about this many elements
     #: at a time, so that each run's state stays in cache across the step's passes (None: all at once).
-    cpu_chunk_numel: int | None = 1 << 18
+    cpu_chunk_numel: int | None = 1 << 20
     # The published constructor's positional order; the rule's other hyperparameters follow.
     POSITIONAL: tuple[str, ...] = ()
 
@@ -276,7 +277,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
             for group, rule, prepared, state in jobs:
                 if differentiable:  # the step reads copies: the parameters' old values stay in the graph
                     prepared = _tree.replace(prepared, leaves=[v.clone() for v in prepared.leaves])
-                new_params, new_state = rule.run(prepared, state, donate=not differentiable)
+                new_params, new_state = rule.run(prepared, state, donate=not differentiable, scratch=self._scratch(prepared))
                 views = _real(group["params"])
                 moved = [i for i in prepared.idx if new_params[i] is not views[i]]
                 if differentiable:  # recorded by autograd, which _foreach_copy_ is not
@@ -285,7 +286,37 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 elif moved:  # a donated step updates the parameters in place already
                     torch._foreach_copy_(_tree.take(views, moved), _tree.take(new_params, moved))
                 self._store(group, rule, new_state)
+                if not torch.compiler.is_compiling():
+                    self.__dict__.setdefault("_stepped_state", {})[id(group)] = (rule, self._state_entries(group))
         return loss
+
+    def _scratch(self, prepared) -> Scratch | None:
+        """The optimizer's arena for the temporaries of an eager CPU step (``_scratch``): kept
+        from step to step, so that large temporaries cost no fresh pages each step."""
+        if prepared.leaves[0].device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        scratch = self.__dict__.get("_step_scratch")
+        if scratch is None:
+            scratch = self.__dict__["_step_scratch"] = Scratch()
+        return scratch
+
+    def _state_entries(self, group: dict[str, Any]) -> list[Any]:
+        """The group's parameters' shapes and dtypes, then every entry of their state."""
+        params = group["params"]
+        return [(p.shape, p.dtype) for p in params] + [v for p in params for v in self.state.get(p, {}).values()]
+
+    def _state_unchanged(self, group: dict[str, Any], rule: Rule) -> bool:
+        """Whether the group's state is, tensor for tensor, what this optimizer's last step of it
+        left under the same rule: then its layout needs no new check (the step made it so).
+        Loading a state_dict or putting any tensor into ``state`` makes it check again."""
+        if torch.compiler.is_compiling():
+            return False
+        last = self.__dict__.get("_stepped_state", {}).get(id(group))
+        if last is None or last[0] is not rule:
+            return False
+        now, then = self._state_entries(group), last[1]
+        n = len(group["params"])
+        return len(now) == len(then) and now[:n] == then[:n] and all(a is b for a, b in zip(now[n:], then[n:]))
 
     def _prepare(self, index: int):
         """A group's checked step (None when no parameter has a gradient): (group, rule,
@@ -306,7 +337,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
             per_step = {name: group[name] for name in rule.dynamic_names()}
             chunk = self.cpu_chunk_numel if params[0].device.type == "cpu" else None
             grads = [None if g is None else (torch.view_as_real(g) if g.is_complex() else g) for g in grads]
-            prepared = rule.prepare(views, grads, state, chunk_numel=chunk, **per_step)
+            prepared = rule.prepare(
+                views, grads, state, chunk_numel=chunk, state_checked=self._state_unchanged(group, rule), **per_step
+            )
         except ValueError as e:
             raise ValueError(f"{type(self).__name__}, param group {index}: {e}") from None
         return group, rule, prepared, state

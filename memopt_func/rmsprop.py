@@ -80,6 +80,7 @@ class RMSprop(Rule):
     """RMSprop (Hinton, 2012; centered form of Graves, 2013), as ``torch.optim.RMSprop``."""
 
     HYPERS = RMSPROP_HYPERS
+    ELEMENTWISE = True
 
     def _check_per_step(self, h):
         check_momentum_kept(type(self).__name__, self.hyper["momentum"], h["momentum"])

@@ -14,6 +14,7 @@ from torch import Tensor
 from . import _hyper as H
 from . import _math as M
 from . import _tree
+from . import critical_buffer as cb
 from ._rule import Rule, advance, new_steps
 
 
@@ -55,7 +56,11 @@ def sgd_update(params, grads, state: SGDState, idx, h, inplace: bool = False):
     if buffers:
         # the scaled buffer is the state (inplace) or fresh: either may be written
         continued = M.axpy(M.scale(_tree.take(buffers, idx), momentum, inplace), 1 - dampening, d, inplace=True)
-        mb = M.where(M.per_leaf(first), d, continued, inplace)
+        on_host = cb.host_flags(first, params[0])
+        if on_host is None:
+            mb = M.where(M.per_leaf(first), d, continued, inplace)
+        else:  # read on the host: the buffer starts as d on a leaf's first step, else continues
+            mb = [(c.copy_(x) if inplace else x.clone()) if f else c for f, x, c in zip(on_host, d, continued)]
         buffers = _tree.put(buffers, idx, mb)
         d = M.axpy(d, momentum, mb) if h["nesterov"] else mb
     return M.axpy(params, -lr, d, inplace), SGDState(step=step, momentum_buffer=buffers)
@@ -65,6 +70,7 @@ class SGD(Rule):
     """Stochastic gradient descent with momentum, as ``torch.optim.SGD``."""
 
     HYPERS = SGD_HYPERS
+    ELEMENTWISE = True
 
     def _check_combination(self, h):
         if h["nesterov"] and (M.is_zero(h["momentum"]) or not M.is_zero(h["dampening"])):

@@ -297,3 +297,35 @@ def test_state_dict_snapshot_is_not_changed_by_later_steps_after_save():
     for pid, entry in frozen.items():
         for key, value in entry.items():
             assert torch.equal(loaded["state"][pid][key], value), f"{pid}/{key}"
+
+
+@pytest.mark.parametrize("name", ["Adam_CM", "AdEMAMix"])
+def test_state_changed_by_hand_between_steps_is_checked_again(name):
+    """A step checks the state's layout unless it is, tensor for tensor, what the last step left
+    (then the step made it so): a tensor put into ``state`` or a parameter given a new shape is
+    refused, naming the mismatch, and nothing moves."""
+    model = mlp()
+    opt = dropin(name)(model.parameters(), lr=1e-2)
+    rule_checks = []
+    train(model, opt, 0, 2)
+    rule = next(iter(opt._rules.values()))
+    original = rule.check_state
+    rule.check_state = lambda state, params: (rule_checks.append(1), original(state, params))[1]
+    train(model, opt, 2, 4)
+    assert rule_checks == []  # the state the steps left: no new check
+    p = next(iter(model.parameters()))
+    key = "exp_avg_sq"
+    kept = opt.state[p][key]
+    opt.state[p][key] = torch.zeros(3, dtype=kept.dtype)
+    before = [q.detach().clone() for q in model.parameters()]
+    opt.zero_grad()
+    mse(model, 4).backward()
+    with pytest.raises(ValueError, match="exp_avg_sq"):
+        opt.step()
+    assert rule_checks and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt.state[p][key] = kept
+    opt.step()  # the state is whole again
+    p.data = torch.zeros(p.shape[0] + 1, *p.shape[1:], dtype=p.dtype)
+    p.grad = torch.zeros_like(p)
+    with pytest.raises(ValueError):
+        opt.step()
