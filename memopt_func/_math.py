@@ -248,6 +248,22 @@ def scratch_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
 
 
+def scratch_list(xs: TensorList, dtype: torch.dtype) -> list[Tensor]:
+    """``[scratch_like(x, dtype) for x in xs]``, the small ones carved from one allocation."""
+    scratch = _state["scratch"]
+    min_numel = scratch.min_numel if scratch is not None else 0
+    small = [x for x in xs if x.numel() < min_numel or scratch is None]
+    if len(small) < 2:
+        return [scratch_like(x, dtype) for x in xs]
+    numels = [x.numel() for x in small]
+    carved = iter(torch.empty(sum(numels), dtype=dtype, device=small[0].device).split(numels))
+    return [_shaped(next(carved), x) if x.numel() < min_numel or scratch is None else scratch.like(x, dtype) for x in xs]
+
+
+def _shaped(t: Tensor, x: Tensor) -> Tensor:
+    return t if x.dim() == 1 else t.view(x.shape)
+
+
 def zeros_like(leaves: TensorList, dtype: torch.dtype | None = None) -> tuple[Tensor, ...]:
     return tuple(torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format) for p in leaves)
 

@@ -150,7 +150,7 @@ def _converted(sums: Sequence[Tensor], xs: Sequence[Tensor]) -> list[Tensor]:
         or (torch.is_grad_enabled() and any(t.requires_grad for t in sums))
     ):
         return [t.to(x.dtype) for t, x in zip(sums, xs)]
-    out = [M.scratch_like(t, x.dtype) for t, x in zip(sums, xs)]
+    out = M.scratch_list(xs, xs[0].dtype) if len({x.dtype for x in xs}) == 1 else [M.scratch_like(t, x.dtype) for t, x in zip(sums, xs)]
     torch._foreach_copy_(out, sums)
     return out
 
@@ -382,7 +382,7 @@ def _write_whole_on_host(state: CriticalBufferState, xs: Sequence[Tensor], idx: 
         kind[2].append(buf.select(0, slot[r]))
     totals, stored, rows = replace
     if totals:  # x - old in float64 (exact for the slots' values), then the sum moves
-        change = [M.scratch_like(x, torch.float64) for x in stored]
+        change = M.scratch_list(stored, torch.float64)
         torch._foreach_copy_(change, stored)
         torch._foreach_sub_(change, rows)
         torch._foreach_add_(totals, change)
