@@ -382,14 +382,17 @@ def _write_whole_on_host(state: CriticalBufferState, xs: Sequence[Tensor], idx: 
         kind[2].append(buf.select(0, slot[r]))
     totals, stored, rows = replace
     if totals:  # x - old in float64 (exact for the slots' values), then the sum moves
-        change = M.scratch_list(stored, torch.float64)
+        change, old = M.scratch_list(stored, torch.float64), M.scratch_list(rows, torch.float64)
         torch._foreach_copy_(change, stored)
-        torch._foreach_sub_(change, rows)
+        torch._foreach_copy_(old, rows)  # widened here (a mixed-dtype sub_ would allocate it)
+        torch._foreach_sub_(change, old)
         torch._foreach_add_(totals, change)
         torch._foreach_copy_(rows, stored)
     totals, stored, rows = fill
-    if totals:
-        torch._foreach_add_(totals, stored)
+    if totals:  # the old value counts as 0: x widened, then added
+        wide = M.scratch_list(stored, torch.float64)
+        torch._foreach_copy_(wide, stored)
+        torch._foreach_add_(totals, wide)
         torch._foreach_copy_(rows, stored)
     return taken
 

@@ -523,7 +523,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "cb-eager-old-kept", CB,
-        "        torch._foreach_sub_(change, rows)\n",
+        "        torch._foreach_sub_(change, old)\n",
         "        pass\n",
         "the eager in-place write adds the offered value to buf_sum without taking out the one it replaces",
         "gap: buf_sum stays the sum of the filled slots",
