@@ -249,15 +249,19 @@ def scratch_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 
 def scratch_list(xs: TensorList, dtype: torch.dtype) -> list[Tensor]:
-    """``[scratch_like(x, dtype) for x in xs]``, the small ones carved from one allocation."""
-    scratch = _state["scratch"]
-    min_numel = scratch.min_numel if scratch is not None else 0
-    small = [x for x in xs if x.numel() < min_numel or scratch is None]
-    if len(small) < 2:
+    """``[scratch_like(x, dtype) for x in xs]`` carved from one block: the step's ``Scratch``
+    when one is active and the block is large (a fresh large block would be faulted in every
+    step), else one allocation."""
+    if len(xs) < 2:
         return [scratch_like(x, dtype) for x in xs]
-    numels = [x.numel() for x in small]
-    carved = iter(torch.empty(sum(numels), dtype=dtype, device=small[0].device).split(numels))
-    return [_shaped(next(carved), x) if x.numel() < min_numel or scratch is None else scratch.like(x, dtype) for x in xs]
+    numels = [x.numel() for x in xs]
+    total = sum(numels)
+    scratch = _state["scratch"]
+    if scratch is not None and total >= scratch.min_numel:
+        block = scratch.empty((total,), dtype, xs[0].device)
+    else:
+        block = torch.empty(total, dtype=dtype, device=xs[0].device)
+    return [_shaped(t, x) for t, x in zip(block.split(numels), xs)]
 
 
 def _shaped(t: Tensor, x: Tensor) -> Tensor:

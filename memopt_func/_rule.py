@@ -399,10 +399,13 @@ def _scratch_checked(scratch, update, params, grads, state, idx, h, ctx):
     if scratch is None:
         return update(params, grads, state, idx, h, ctx)
     scratch.reset()
+    before = state
     moved, state = update(params, grads, state, idx, h, ctx)
     if not scratch.handed_out:
         return moved, state
-    kept = lambda t: t.clone() if isinstance(t, Tensor) and scratch.holds(t) else t  # noqa: E731
+    # what the update wrote in place is the state it was given; anything else may be a temporary
+    given = {id(t) for i in idx for t in _tree.leaf_entries(before, i)} | {id(p) for p in params}
+    kept = lambda t: t.clone() if isinstance(t, Tensor) and id(t) not in given and scratch.holds(t) else t  # noqa: E731
     return [kept(p) for p in moved], _tree.map_leaf_entries(state, idx, kept)
 
 
