@@ -405,8 +405,12 @@ def _scratch_checked(scratch, update, params, grads, state, idx, h, ctx):
         return moved, state
     # what the update wrote in place is the state it was given; anything else may be a temporary
     given = {id(t) for i in idx for t in _tree.leaf_entries(before, i)} | {id(p) for p in params}
-    kept = lambda t: t.clone() if isinstance(t, Tensor) and id(t) not in given and scratch.holds(t) else t  # noqa: E731
-    return [kept(p) for p in moved], _tree.map_leaf_entries(state, idx, kept)
+    held = lambda t: isinstance(t, Tensor) and id(t) not in given and scratch.holds(t)  # noqa: E731
+    if any(held(p) for p in moved):
+        moved = [p.clone() if held(p) else p for p in moved]
+    if any(held(t) for i in idx for t in _tree.leaf_entries(state, i)):
+        state = _tree.map_leaf_entries(state, idx, lambda t: t.clone() if held(t) else t)
+    return moved, state
 
 
 def _per_step_value(hyper: Hyper, value: Any) -> Any:

@@ -566,8 +566,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "rule-scratch-kept-as-state", "memopt_func/_rule.py",
-        "    kept = lambda t: t.clone() if isinstance(t, Tensor) and id(t) not in given and scratch.holds(t) else t  # noqa: E731",
-        "    kept = lambda t: t  # noqa: E731",
+        "    held = lambda t: isinstance(t, Tensor) and id(t) not in given and scratch.holds(t)  # noqa: E731",
+        "    held = lambda t: False  # noqa: E731",
         "a temporary that a rule keeps as state stays in the scratch, which the next run overwrites",
         "gap: what a step returns never lies in the scratch",
         tests="chunked",
