@@ -89,6 +89,30 @@ def _into_scratch(name: str, xs: TensorList, args: tuple, kwargs: dict) -> list[
     return out
 
 
+def _at(v, i: int, x: Tensor):
+    """Entry i of a per-tensor argument; a 0-d tensor is cast to x's dtype, as the multi-tensor
+    kernels (and TensorIterator, for a 0-d operand) use it, whatever vmap's batching makes of it."""
+    v = v[i] if isinstance(v, (list, tuple)) else v
+    if isinstance(v, Tensor) and v.dim() == 0 and v.dtype != x.dtype and x.is_floating_point():
+        return v.to(x.dtype)
+    return v
+
+
+_SINGLE = {
+    "neg": lambda x: torch.neg(x),
+    "sqrt": lambda x: torch.sqrt(x),
+    "norm": lambda x, ord=2, dtype=None: torch.linalg.vector_norm(x, ord, dtype=dtype),
+    "mul": lambda x, a: torch.mul(x, a),
+    "div": lambda x, a: torch.div(x, a),
+    "add": lambda x, a, alpha=1: torch.add(x, a, alpha=alpha),
+    "maximum": lambda x, a: torch.maximum(x, a),
+    "lerp": lambda x, y, w: torch.lerp(x, y, w),
+    "addcmul": lambda x, t1, t2, value=1: torch.addcmul(x, t1, t2, value=value) if not isinstance(value, Tensor) else x + t1 * t2 * value,
+    "addcdiv": lambda x, t1, t2, value=1: torch.addcdiv(x, t1, t2, value=value) if not isinstance(value, Tensor) else x + t1 / t2 * value,
+    "copy": lambda x, y: y.to(x.dtype).expand_as(x).clone(),
+}
+
+
 def fe(name: str, xs: TensorList, *args, **kwargs) -> list[Tensor]:
     """``torch._foreach_<name>(xs, *args)``: for a name ending in ``_`` it writes xs and returns
     them. In per-tensor mode each tensor gets its own out-of-place op, and the results are
