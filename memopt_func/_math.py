@@ -22,37 +22,37 @@ TensorList = Sequence[Tensor]
 _state: dict = {"per_tensor": False, "scratch": None}
 
 
-class per_tensor_ops:
-    """``with per_tensor_ops(True):`` the ops below run per tensor, out of place."""
+class _Setting:
+    """``with`` it, one entry of the step's settings takes a value, restored on exit."""
 
-    def __init__(self, on: bool) -> None:
-        self.on = on
+    key = ""
+
+    def __init__(self, value) -> None:
+        self.value = value
 
     def __enter__(self) -> None:
-        self.before = _state["per_tensor"]
-        _state["per_tensor"] = self.on
+        self.before = _state[self.key]
+        _state[self.key] = self.value
 
     def __exit__(self, *exc) -> None:
-        _state["per_tensor"] = self.before
+        _state[self.key] = self.before
+
+
+class per_tensor_ops(_Setting):
+    """``with per_tensor_ops(True):`` the ops below run per tensor, out of place."""
+
+    key = "per_tensor"
 
 
 def is_per_tensor() -> bool:
     return _state["per_tensor"]
 
 
-class using_scratch:
+class using_scratch(_Setting):
     """``with using_scratch(s):`` the element-wise temporaries of large tensors come from the
     ``_scratch.Scratch`` s (None: allocated as usual). Eager multi-tensor steps only."""
 
-    def __init__(self, scratch) -> None:
-        self.scratch = scratch
-
-    def __enter__(self) -> None:
-        self.before = _state["scratch"]
-        _state["scratch"] = self.scratch
-
-    def __exit__(self, *exc) -> None:
-        _state["scratch"] = self.before
+    key = "scratch"
 
 
 # out-of-place ops whose result fe may write into a scratch tensor of x's dtype (``out=``)

@@ -111,11 +111,6 @@ def empty_rows(state: CriticalBufferState, idx: Sequence[int]) -> Tensor:
     return empty.expand(len(idx)) if _synced(state) else _tree.rows(empty, idx)
 
 
-def is_empty(state: CriticalBufferState, idx: Sequence[int]) -> list[Tensor]:
-    """Per present leaf, a 0-d bool: its buffer has no filled slot yet (the seeding step)."""
-    return M.per_leaf(empty_rows(state, idx))
-
-
 def aggregate(state: CriticalBufferState, xs: Sequence[Tensor], idx: Sequence[int], kappa: float, aggr: str) -> list[Tensor]:
     """The buffer-augmented value of each x (before x is offered); x itself while the buffer is empty.
 
