@@ -367,6 +367,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         except Exception:
             self.state, self.param_groups, self._stats_offset, self._laid_out = kept
             raise
+        self.__dict__.pop("_stepped_state", None)  # the replaced state is checked, and no longer held
 
     def _load(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict["state"]

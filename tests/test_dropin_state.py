@@ -325,6 +325,11 @@ def test_state_changed_by_hand_between_steps_is_checked_again(name):
     assert rule_checks and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     opt.state[p][key] = kept
     opt.step()  # the state is whole again
+    rule_checks.clear()
+    opt.load_state_dict(opt.state_dict())  # loaded state is checked at its first step
+    mse(model, 5).backward()
+    opt.step()
+    assert rule_checks
     p.data = torch.zeros(p.shape[0] + 1, *p.shape[1:], dtype=p.dtype)
     p.grad = torch.zeros_like(p)
     with pytest.raises(ValueError):
