@@ -141,3 +141,23 @@ def test_tensor_lr_gives_the_same_run_as_float_lr(name):
             o.step()
     for x, y in zip(a.parameters(), b.parameters()):
         assert torch.allclose(x, y, rtol=1e-13, atol=0), (x - y).abs().max()  # rounding of lr/(1-b1**t) may differ
+
+
+def test_device_form_of_sgd_first_step_starts_the_buffer_at_d_as_torch_optim():
+    """Off the host (an accelerator's form, here on CPU tensors) SGD's first step sets the
+    momentum buffer to d, undampened, as torch.optim.SGD does; the host form reads the flag."""
+    from memopt_func import rules
+
+    torch.manual_seed(0)
+    p0 = torch.randn(7, 3)
+    grads = [torch.randn(7, 3) for _ in range(3)]
+    ref = torch.nn.Parameter(p0.clone())
+    opt = torch.optim.SGD([ref], lr=0.1, momentum=0.9, dampening=0.5, foreach=False)
+    rule = rules.SGD(lr=0.1, momentum=0.9, dampening=0.5)
+    params, state = p0.clone(), rule.init(p0)
+    with mock.patch.object(cb, "slot_on_host", lambda buf: False):
+        for g in grads:
+            ref.grad = g.clone()
+            opt.step()
+            params, state = rule.step(params, g, state, donate=True)
+            assert torch.equal(params, ref.detach())

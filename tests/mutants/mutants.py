@@ -49,6 +49,7 @@ SUBSETS = {
         "properties/test_prop_host_slots.py",
         "properties/test_prop_buffer_invariants.py",
         "tests/test_field_ready.py::test_buf_sum_stays_exact_over_a_falling_scale_sweep",
+        "tests/test_dropin_nosync.py::test_device_form_of_sgd_first_step_starts_the_buffer_at_d_as_torch_optim",
     ],
     "chunked": [
         "tests/test_chunked.py",
