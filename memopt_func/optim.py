@@ -19,7 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from . import _tree
+from . import _tree, sharding
 from ._rule import Rule
 from ._scratch import Scratch
 from .storage import Quantized
@@ -28,6 +28,17 @@ from .adam_cm import Adam_CM as _AdamCMRule
 from .ademamix import AdEMAMix as _AdEMAMixRule
 from .rmsprop_c import RMSprop_C as _RMSpropCRule
 from .sgd_c import SGD_C as _SGDCRule
+
+# The eval-frame callback that an enclosing torch.compile installs (None outside one), read from a
+# frame that Dynamo does not trace (``MemoryOptimizer.step``), where ``is_compiling()`` is False.
+_compile_callback = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+_compile_callback = getattr(_compile_callback, "get_eval_frame_callback", lambda: None)
+
+_HANDOVER = (
+    "a memopt_func drop-in's step runs its compiled flat steppers outside the traced frame, as one graph break "
+    "(fullgraph=True forbids it, as for torch.optim's steps); for a step traced into your graph, use the "
+    "functional rule's step, or memopt_func.compiled's Stepper for a compiled step of its own"
+)
 
 _ROW_FIELDS = ("keys", "count", "offers", "accepted", "nonfinite")
 # The state_dict key of an 8-bit entry's block scales (next to its codes under the entry's name).
@@ -155,6 +166,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
             hyper = {h.name: param_group.get(h.name, self.defaults[h.name]) for h in self.RULE.HYPERS}
             self.RULE(**hyper)
         super().add_param_group(param_group)
+        params = self.param_groups[-1]["params"]
+        fits = not any(p.is_complex() for p in params) and not sharding.any_sharded(params)
+        self.__dict__["_flat_fits"] = self.__dict__.get("_flat_fits", True) and fits
 
     def _rule(self, group: dict[str, Any]) -> Rule:
         """The group's rule, cached by what fixes the state layout: the static hyperparameters and
@@ -264,12 +278,37 @@ class MemoryOptimizer(torch.optim.Optimizer):
         with torch.enable_grad():
             return closure()
 
+    @torch.compiler.disable(recursive=False, reason=_HANDOVER)
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step of every param group; parameters without ``.grad`` are skipped.
 
         Every group's inputs are checked before any group is updated, so an error leaves every
         parameter and all state as they were. With ``differentiable=True`` the step is recorded by
-        autograd (out of place, then copied into the parameters), as in torch.optim."""
+        autograd (out of place, then copied into the parameters), as in torch.optim.
+
+        Under ``torch.compile`` (``torch.compile(opt.step)``, PyTorch's recipe, or a compiled
+        training step that calls it) the step runs through compiled flat steppers, as the
+        compiled drop-ins do (``_steps_flat``). Dynamo does not trace this frame (it traces the
+        functions it calls), so that choice costs the recipe's frame one graph break."""
+        if self._steps_flat():
+            return self._flat_step(closure)
+        return self._step(closure)
+
+    def _steps_flat(self) -> bool:
+        """Whether this step runs through ``memopt_func.compiled``'s ``FlatSteps``: under an
+        enclosing torch.compile, and at every step after one did, until ``load_state_dict``.
+        Traced tensor by tensor, a step over many parameters compiles for minutes (Inductor's
+        work grows faster than the number of tensors); a flat stepper compiles one graph whose
+        size does not depend on it, with every hyperparameter that changes held in a tensor.
+        Steps that flat steppers do not take stay traced per tensor: ``differentiable=True``,
+        complex and DTensor (sharded) parameters."""
+        if "_flat_steps" in self.__dict__:
+            return True
+        fits = self.__dict__.get("_flat_fits", False) and not self.defaults.get("differentiable", False)
+        return fits and (torch.compiler.is_compiling() or _compile_callback() is not None)
+
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
+        """The step, per param group through the rule (see ``step``)."""
         loss = self._evaluate(closure)
         differentiable = self.defaults.get("differentiable", False)
         with torch.set_grad_enabled(differentiable):
@@ -289,6 +328,18 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 if not torch.compiler.is_compiling():
                     self.__dict__.setdefault("_stepped_state", {})[id(group)] = (rule, self._state_entries(group))
         return loss
+
+    @torch.compiler.disable
+    def _flat_step(self, closure: Callable[[], Any] | None) -> Any:
+        """The step through ``FlatSteps``, outside any traced frame: each group's ``Stepper``
+        compiles its own graph. At the first such step the parameters become views into the flat
+        buffers and the state entries views into the flat state, as for the compiled drop-ins."""
+        from memopt_func.compiled.optim import FlatSteps  # the speed package depends on this one
+
+        steps = self.__dict__.get("_flat_steps")
+        if steps is None:
+            steps = self.__dict__["_flat_steps"] = FlatSteps(self)
+        return steps.step(closure)
 
     def _scratch(self, prepared) -> Scratch | None:
         """The optimizer's arena for the temporaries of an eager CPU step (``_scratch``): kept
@@ -368,6 +419,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
             self.state, self.param_groups, self._stats_offset, self._laid_out = kept
             raise
         self.__dict__.pop("_stepped_state", None)  # the replaced state is checked, and no longer held
+        self.__dict__.pop("_flat_steps", None)  # a later step under torch.compile adopts the loaded state
 
     def _load(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict["state"]

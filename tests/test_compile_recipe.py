@@ -78,6 +78,10 @@ def _run(make_opt, setup, backend=None):
     return model, opt, made
 
 
+# What Dynamo calls the frame it does not trace: the drop-in's ``step``, which hands the work to
+# compiled flat steppers (``MemoryOptimizer._steps_flat``), called from a traced frame or not.
+HANDOVER = {"Skip inlining `torch.compiler.disable()`d function", "Skip calling `torch.compiler.disable()`d function"}
+
 _ADAMW: dict[str, tuple[int, int, set[str]]] = {}
 
 
@@ -97,8 +101,11 @@ def _check(name, setup, backend):
     adamw_graphs, adamw_breaks, adamw_kinds = _adamw_counts(setup)
     assert 1 <= graphs <= adamw_graphs, f"{name}: {graphs} graphs, AdamW {adamw_graphs}"
     assert breaks <= adamw_breaks, f"{name}: {breaks} graph breaks, AdamW {adamw_breaks}"
-    # a break of a kind AdamW has not (a frame falling back to eager) fails even within the count
-    assert kinds <= adamw_kinds, f"{name}: graph breaks {kinds - adamw_kinds}"
+    # a break of a kind AdamW has not (a frame falling back to eager) fails even within the count;
+    # the one the drop-in adds is its step handing over to its flat steppers, which compiled the
+    # step (the graphs counted above are theirs)
+    assert kinds <= adamw_kinds | HANDOVER, f"{name}: graph breaks {kinds - adamw_kinds - HANDOVER}"
+    assert "_flat_steps" in opt.__dict__ and opt._flat_steps.steppers
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=TOL, atol=TOL * 1e-2)
         state, ref_state = opt.state[p], ref_opt.state[q]
@@ -120,9 +127,8 @@ def test_recipe_through_inductor():
 
 
 def test_recipe_refuses_a_momentum_set_from_zero_with_a_clear_error():
-    """Under torch.compile(opt.step) the step cannot compare hyperparameters with those the state
-    was made with; a momentum set from 0 then finds no momentum buffer, and says so (a ValueError
-    naming the layout change, not a KeyError), changing nothing."""
+    """Under torch.compile(opt.step) a momentum set from 0 after the state exists (no momentum
+    buffer) raises as in eager: a ValueError naming it, old and new value, changing nothing."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(10))
@@ -135,7 +141,7 @@ def test_recipe_refuses_a_momentum_set_from_zero_with_a_clear_error():
     p.grad = torch.randn(10)
     before = p.detach().clone()
     state = {k: v.clone() for k, v in opt.state[p].items()}
-    with pytest.raises(ValueError, match=r"param group 0: the state has no 'momentum_buffer'.*changes the state's layout"):
+    with pytest.raises(ValueError, match=r"param group 0: changed 'momentum' from 0.0 to 0.9 after its state was made"):
         step()
     assert torch.equal(p.detach(), before)
     assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())

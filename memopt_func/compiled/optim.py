@@ -17,18 +17,114 @@ import torch.utils._pytree as pytree
 
 from memopt_func import _tree, sharding
 from memopt_func import optim as eager
-from memopt_func.optim import _ROW_FIELDS, MemoryOptimizer, assemble, explode
+from memopt_func.optim import _ROW_FIELDS, MemoryOptimizer, _hyper_values, assemble, explode
 
 from .stepper import Stepper
+
+
+class FlatSteps:
+    """Compiled stepping of a drop-in optimizer's param groups: per group one ``Stepper`` over the
+    group's parameters that require grad, owning flat parameter, gradient and state buffers, with
+    ``opt.state`` holding per-parameter views into them. The compiled drop-ins step through it
+    always; an eager drop-in does under ``torch.compile(opt.step)`` (``MemoryOptimizer.step``)."""
+
+    def __init__(self, opt: MemoryOptimizer, flat: bool | None = None, cuda_graph: bool | None = None):
+        self.opt, self.flat, self.cuda_graph = opt, flat, cuda_graph
+        self.steppers: dict[int, Stepper] = {}
+
+    def stepper(self, index: int, group: dict[str, Any]) -> Stepper:
+        """The group's stepper, over its parameters that require grad (a frozen one is never
+        stepped and keeps its own state); made afresh, adopting the group's state, when the rule
+        or the set of trainable parameters changes."""
+        opt = self.opt
+        rule = opt._rule(group)
+        params = group["params"]
+        trainable = [i for i, p in enumerate(params) if p.requires_grad] or list(range(len(params)))
+        stepped = [params[i] for i in trainable]
+        stepper = self.steppers.get(index)
+        if stepper is not None and stepper.rule is rule and stepper._leaves == stepped:
+            return stepper
+        synced = opt._synced(rule)
+        if not opt.state.get(params[0]):  # its layout is now fixed (``_check_layout_kept``)
+            opt._laid_out[params[0]] = (opt._rule_key(group), rule, _hyper_values(group, rule))
+        dicts = explode(opt._group_state(group, rule, store=False), len(params), synced)
+        chosen = [dict(dicts[i]) for i in trainable]
+        if synced:  # the group's key rows live with its first parameter
+            chosen[0].update({k: v for k, v in dicts[0].items() if k.startswith("critical_") and k[9:] in _ROW_FIELDS})
+        state = assemble(opt._template(group, rule, stepped), chosen, synced)
+        stepper = Stepper(rule, stepped, state=state, flat=self.flat, cuda_graph=self.cuda_graph)
+        self.steppers[index] = stepper
+        for p, entry in zip(params, dicts):
+            opt.state.setdefault(p, entry)
+        self.adopt(group, stepper)
+        return stepper
+
+    def adopt(self, group: dict[str, Any], stepper: Stepper) -> None:
+        """Point the per-parameter state entries at the stepper's live state."""
+        opt = self.opt
+        params, synced = group["params"], opt._synced(stepper.rule)
+        stepped = stepper._leaves
+        entries = explode(stepper.per_tensor_state(), len(stepped), synced)
+        for p, entry in zip(stepped, entries):
+            opt.state[p] = entry
+        if synced and stepped[0] is not params[0]:
+            rows = {k: entries[0].pop(k) for k in list(entries[0]) if k.startswith("critical_") and k[9:] in _ROW_FIELDS}
+            opt.state[params[0]] = {**opt.state[params[0]], **rows}
+
+    def check(self, index: int, group: dict[str, Any]) -> bool:
+        """Whether the group steps (some parameter has a gradient), raising ValueError for
+        anything that would fail its step; changes nothing."""
+        opt = self.opt
+        name = type(opt).__name__
+        params = group["params"]
+        grads = [p.grad for p in params]
+        if all(g is None for g in grads):
+            return False
+        try:
+            rule = opt._rule(group)
+        except ValueError as e:
+            raise ValueError(f"{name}, param group {index}: {e}") from None
+        for i, p in enumerate(params):
+            if p.is_complex():
+                raise ValueError(
+                    f"{name}, param group {index}: parameter {i} is complex ({p.dtype}); compiled "
+                    "stepping takes real tensors (the eager drop-in steps complex parameters)"
+                )
+        try:
+            if opt.state.get(params[0]):
+                opt._check_layout_kept(group, rule, list(params))
+            stepper = self.steppers.get(index)
+            if stepper is None or not stepper.grads_in_place(params):
+                _tree.flatten_grads(grads, pytree.tree_structure(list(params)), params)
+            rule._resolve({name: group[name] for name in rule.dynamic_names()})
+        except ValueError as e:
+            raise ValueError(f"{name}, param group {index}: {e}") from None
+        return True
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One compiled step of every param group; a parameter without a gradient is skipped as
+        torch.optim skips it. Every group is checked before any group moves."""
+        opt = self.opt
+        loss = opt._evaluate(closure)
+        if opt.defaults.get("differentiable"):
+            raise ValueError(f"{type(opt).__name__}: differentiable=True needs the eager drop-in (compiled steps write in place)")
+        stepping = [i for i, group in enumerate(opt.param_groups) if self.check(i, group)]
+        for index in stepping:
+            group = opt.param_groups[index]
+            stepper = self.stepper(index, group)
+            was_flat = stepper.flat
+            stepper.step(None, **{name: group[name] for name in stepper.rule.dynamic_names()})
+            if stepper.flat != was_flat:  # it now steps tensor by tensor, over state of its own
+                self.adopt(group, stepper)
+        return loss
 
 
 class CompiledOptimizer(MemoryOptimizer):
     """Mixin over a ``MemoryOptimizer``: every param group steps through a compiled ``Stepper``."""
 
     def __init__(self, params: Any, *args: Any, flat: bool | None = None, cuda_graph: bool | None = None, **kwargs: Any):
-        self._flat = flat
-        self._cuda_graph = cuda_graph
-        self._steppers: dict[int, Stepper] = {}
+        self._steps = FlatSteps(self, flat, cuda_graph)
         super().__init__(params, *args, **kwargs)
         if sharding.any_sharded([p for g in self.param_groups for p in g["params"]]):
             raise NotImplementedError(
@@ -36,85 +132,14 @@ class CompiledOptimizer(MemoryOptimizer):
                 f"memopt_func.optim.{type(self).__name__}, which steps the local shards with the full-norm priority"
             )
 
-    def _stepper(self, index: int, group: dict[str, Any]) -> Stepper:
-        """The group's stepper, over its parameters that require grad (a frozen one is never
-        stepped and keeps its own state); made afresh, adopting the group's state, when the rule
-        or the set of trainable parameters changes."""
-        rule = self._rule(group)
-        params = group["params"]
-        trainable = [i for i, p in enumerate(params) if p.requires_grad] or list(range(len(params)))
-        stepped = [params[i] for i in trainable]
-        stepper = self._steppers.get(index)
-        if stepper is not None and stepper.rule is rule and stepper._leaves == stepped:
-            return stepper
-        synced = self._synced(rule)
-        dicts = explode(self._group_state(group, rule, store=False), len(params), synced)
-        chosen = [dict(dicts[i]) for i in trainable]
-        if synced:  # the group's key rows live with its first parameter
-            chosen[0].update({k: v for k, v in dicts[0].items() if k.startswith("critical_") and k[9:] in _ROW_FIELDS})
-        state = assemble(self._template(group, rule, stepped), chosen, synced)
-        stepper = Stepper(rule, stepped, state=state, flat=self._flat, cuda_graph=self._cuda_graph)
-        self._steppers[index] = stepper
-        for p, entry in zip(params, dicts):
-            self.state.setdefault(p, entry)
-        self._adopt(group, stepper)
-        return stepper
+    @property
+    def _steppers(self) -> dict[int, Stepper]:
+        return self._steps.steppers
 
-    def _adopt(self, group: dict[str, Any], stepper: Stepper) -> None:
-        """Point the per-parameter state entries at the stepper's live state."""
-        params, synced = group["params"], self._synced(stepper.rule)
-        stepped = stepper._leaves
-        entries = explode(stepper.per_tensor_state(), len(stepped), synced)
-        for p, entry in zip(stepped, entries):
-            self.state[p] = entry
-        if synced and stepped[0] is not params[0]:
-            rows = {k: entries[0].pop(k) for k in list(entries[0]) if k.startswith("critical_") and k[9:] in _ROW_FIELDS}
-            self.state[params[0]] = {**self.state[params[0]], **rows}
-
-    def _check_group(self, index: int, group: dict[str, Any]) -> bool:
-        """Whether the group steps (some parameter has a gradient), raising ValueError for
-        anything that would fail its step; changes nothing."""
-        params = group["params"]
-        grads = [p.grad for p in params]
-        if all(g is None for g in grads):
-            return False
-        try:
-            rule = self._rule(group)
-        except ValueError as e:
-            raise ValueError(f"{type(self).__name__}, param group {index}: {e}") from None
-        for i, p in enumerate(params):
-            if p.is_complex():
-                raise ValueError(
-                    f"{type(self).__name__}, param group {index}: parameter {i} is complex ({p.dtype}); compiled "
-                    "stepping takes real tensors (the eager drop-in steps complex parameters)"
-                )
-        try:
-            if self.state.get(params[0]):
-                self._check_layout_kept(group, rule, list(params))
-            stepper = self._steppers.get(index)
-            if stepper is None or not stepper.grads_in_place(params):
-                _tree.flatten_grads(grads, pytree.tree_structure(list(params)), params)
-            rule._resolve({name: group[name] for name in rule.dynamic_names()})
-        except ValueError as e:
-            raise ValueError(f"{type(self).__name__}, param group {index}: {e}") from None
-        return True
-
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One compiled step of every param group; a parameter without a gradient is skipped as
         torch.optim skips it. Every group is checked before any group moves."""
-        loss = self._evaluate(closure)
-        if self.defaults.get("differentiable"):
-            raise ValueError(f"{type(self).__name__}: differentiable=True needs the eager drop-in (compiled steps write in place)")
-        stepping = [i for i, group in enumerate(self.param_groups) if self._check_group(i, group)]
-        for index in stepping:
-            group = self.param_groups[index]
-            stepper = self._stepper(index, group)
-            was_flat = stepper.flat
-            stepper.step(None, **{name: group[name] for name in stepper.rule.dynamic_names()})
-            if stepper.flat != was_flat:  # it now steps tensor by tensor, over state of its own
-                self._adopt(group, stepper)
-        return loss
+        return self._steps.step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Flat groups zero their gradient buffer in place (so backward accumulates straight into
@@ -135,7 +160,7 @@ class CompiledOptimizer(MemoryOptimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._steppers = {}  # the next step adopts the loaded state
+        self._steps.steppers = {}  # the next step adopts the loaded state
 
 
 def _compiled_class(cls: type[MemoryOptimizer]) -> type[CompiledOptimizer]:
@@ -164,4 +189,4 @@ def compile_optimizer(opt: MemoryOptimizer, *, flat: bool | None = None, cuda_gr
     return twin
 
 
-__all__ = ["CompiledOptimizer", "compile_optimizer", "Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix"]
+__all__ = ["CompiledOptimizer", "FlatSteps", "compile_optimizer", "Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix"]
