@@ -28,7 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 ADEMAMIX = "lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, eps=1e-8"
-# name -> (module to import, how to build the optimizer from `params`, whether to compile opt.step)
+# name -> (module to import, how to build the optimizer from `params`, whether to compile opt.step[,
+# the arguments of zero_grad])
 CANDIDATES = {
     "torch.optim.AdamW, torch.compile(opt.step)": ("torch", "torch.optim.AdamW(params, lr=1e-3)", True),
     "compiled.AdEMAMix": ("memopt_func", f"memopt_func.compiled.AdEMAMix(params, {ADEMAMIX})", False),
@@ -38,6 +39,8 @@ CANDIDATES = {
     "pytorch_optimizer AdEMAMix, eager": ("pytorch_optimizer", f"pytorch_optimizer.AdEMAMix(params, {ADEMAMIX})", False),
     "compiled.Adam_CM": ("memopt_func", "memopt_func.compiled.Adam_CM(params, lr=1e-3)", False),
     "optim.Adam_CM, torch.compile(opt.step)": ("memopt_func", "memopt_func.optim.Adam_CM(params, lr=1e-3)", True),
+    "optim.Adam_CM, torch.compile(opt.step), zero_grad(set_to_none=False)": (
+        "memopt_func", "memopt_func.optim.Adam_CM(params, lr=1e-3)", True, "set_to_none=False"),
     "optim.Adam_CM, eager": ("memopt_func", "memopt_func.optim.Adam_CM(params, lr=1e-3)", False),
     "compiled.Adam_C": ("memopt_func", "memopt_func.compiled.Adam_C(params, lr=1e-3)", False),
     "compiled.SGD_C": ("memopt_func", "memopt_func.compiled.SGD_C(params, lr=1e-3, momentum=0.9)", False),
@@ -58,7 +61,7 @@ opt = {make}
 step = torch.compile(opt.step) if {compile_step} else opt.step
 
 def backward():
-    opt.zero_grad()
+    opt.zero_grad({zero_grad})
     sum((p * w).sum() for p, w in zip(params, weights)).backward()
 
 backward()
@@ -79,12 +82,14 @@ print(json.dumps({{"ms": 1e3 * statistics.median(times), "first_s": first}}))
 
 
 def run_cell(name: str, n: int, size: int, steps: int) -> dict:
-    module, make, compile_step = CANDIDATES[name]
+    module, make, compile_step, *zero_grad = CANDIDATES[name]
     try:
         __import__(module)
     except ImportError:
         return {"missing": f"{module} is not installed (pip install -e '.[bench]')"}
-    code = CELL.format(module=module, make=make, compile_step=compile_step, n=n, size=size, steps=steps)
+    code = CELL.format(
+        module=module, make=make, compile_step=compile_step, zero_grad="".join(zero_grad), n=n, size=size, steps=steps
+    )
     with tempfile.TemporaryDirectory() as cache:
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
@@ -120,7 +125,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="200x10000,20x1000000")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--only", default=None, help="comma-separated candidate names (default: all)")
+    ap.add_argument("--only", default=None, help="candidate names separated by ';' (default: all)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     import torch
@@ -136,7 +141,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "versions": versions, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    names = args.only.split(",") if args.only else list(CANDIDATES)
+    names = [n.strip() for n in args.only.split(";")] if args.only else list(CANDIDATES)
     if BASELINE not in names:
         names.insert(0, BASELINE)
     sizes = args.sizes.split(",")

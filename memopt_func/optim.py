@@ -191,8 +191,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
     def _check_layout_kept(self, group: dict[str, Any], rule: Rule, params: list[Tensor]) -> None:
         """A group's state keeps the layout it was made with: a structural hyperparameter
         (``topC``, ``synced``, ``buffer_dtype``, ``amsgrad``, a momentum set to or from 0, ...)
-        changed after the state exists raises, naming it; other changes apply from this step on."""
-        before, old_rule, old_values = self._laid_out.get(params[0], (None, None, None))
+        changed after the state exists raises, naming it; other changes apply from this step on.
+        ``params``: the group's parameters as the rule steps them (complex ones as real views)."""
+        before, old_rule, old_values = self._laid_out.get(group["params"][0], (None, None, None))
         if before is None:
             return
         if torch.compiler.is_compiling():
@@ -209,7 +210,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if before == key:
             return
         if _layout(old_rule, params) == _layout(rule, params):
-            self._laid_out[params[0]] = (key, rule, _hyper_values(group, rule))
+            self._laid_out[group["params"][0]] = (key, rule, _hyper_values(group, rule))
             return
         changed = [f"{n!r} from {old_values[n]!r} to {group[n]!r}" for (n, o), (_, v) in zip(before, key) if o != v]
         raise ValueError(
@@ -292,7 +293,21 @@ class MemoryOptimizer(torch.optim.Optimizer):
         functions it calls), so that choice costs the recipe's frame one graph break."""
         if self._steps_flat():
             return self._flat_step(closure)
+        if _compile_callback() is not None:
+            # checked here, untraced: a check inside the traced step would break its graph
+            self._check_layouts()
         return self._step(closure)
+
+    def _check_layouts(self) -> None:
+        """``_check_layout_kept`` for every group that steps (ValueError naming the group)."""
+        for index, group in enumerate(self.param_groups):
+            params = group["params"]
+            if not self.state.get(params[0]) or all(p.grad is None for p in params):
+                continue
+            try:
+                self._check_layout_kept(group, self._rule(group), _real(params))
+            except ValueError as e:
+                raise ValueError(f"{type(self).__name__}, param group {index}: {e}") from None
 
     def _steps_flat(self) -> bool:
         """Whether this step runs through ``memopt_func.compiled``'s ``FlatSteps``: under an

@@ -14,6 +14,8 @@ fraction of the compile time, and one drop-in runs the float setup through Induc
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 import torch._dynamo
@@ -147,24 +149,26 @@ def test_recipe_refuses_a_momentum_set_from_zero_with_a_clear_error():
     assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
 
 
-def test_recipe_refuses_a_structural_change_and_applies_a_neutral_one_like_eager():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_recipe_refuses_a_structural_change_and_applies_a_neutral_one_like_eager(dtype):
     """Under torch.compile(opt.step) a static hyperparameter changed after the state exists is
     checked as in eager: topC (a layout change) raises naming it, old and new value, changing
-    nothing; kappa (same layout) applies from that step on, the same numbers as eager."""
+    nothing; kappa (same layout) applies from that step on, the same numbers as eager. Both
+    through the flat steppers (float32) and traced tensor by tensor (complex parameters)."""
 
     def run(compiled_step):
         torch._dynamo.reset()
         torch.manual_seed(0)
-        p = torch.nn.Parameter(torch.randn(10))
+        p = torch.nn.Parameter(torch.randn(10, dtype=dtype))
         opt = optim.Adam_CM([p], lr=0.1, topC=3)
         step = torch.compile(opt.step, backend="aot_eager") if compiled_step else opt.step
         for k in range(4):
-            p.grad = torch.randn(10)
+            p.grad = torch.randn(10, dtype=dtype)
             if k == 2:
                 opt.param_groups[0]["kappa"] = 0.5
             step()
         opt.param_groups[0]["topC"] = 2
-        p.grad = torch.randn(10)
+        p.grad = torch.randn(10, dtype=dtype)
         before = p.detach().clone()
         state = {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
         with pytest.raises(ValueError, match=r"changed 'topC' from 3 to 2 after its state was made"):
@@ -174,3 +178,85 @@ def test_recipe_refuses_a_structural_change_and_applies_a_neutral_one_like_eager
         return before
 
     torch.testing.assert_close(run(True), run(False), rtol=1e-5, atol=1e-6)  # aot_eager rounds differently
+
+
+def _model_and_data(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    gen = torch.Generator().manual_seed(seed + 1)
+    return model, torch.randn(16, 4, generator=gen), torch.randn(16, 2, generator=gen)
+
+
+def _backward(model, opt, x, y):
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+
+
+def _assert_same_run(model, opt, ref_model, ref_opt):
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=TOL, atol=TOL * 1e-2)
+        assert opt.state[p].keys() == ref_opt.state[q].keys()
+        for key, ref in ref_opt.state[q].items():
+            scale = ref.abs().max().item() if ref.is_floating_point() else 0
+            torch.testing.assert_close(opt.state[p][key], ref, rtol=TOL, atol=TOL * scale, msg=key)
+
+
+def test_recipe_then_plain_calls_then_a_checkpoint_continue_the_eager_run():
+    """Steps under torch.compile(opt.step), then plain ``opt.step()`` calls (which keep to the flat
+    steppers, so nothing is stale), then a state_dict loaded into a fresh eager optimizer and
+    into the compiled one (whose next step adopts it): every part is the all-eager run."""
+    torch._dynamo.reset()
+    model, x, y = _model_and_data()
+    ref_model, _, _ = _model_and_data()
+    opt = optim.Adam_CM(model.parameters(), lr=1e-2, topC=3, weight_decay=0.01)
+    ref_opt = optim.Adam_CM(ref_model.parameters(), lr=1e-2, topC=3, weight_decay=0.01)
+    step = torch.compile(opt.step)
+    for k in range(9):
+        for m, o, s in ((model, opt, step if k < 3 or k >= 6 else opt.step), (ref_model, ref_opt, ref_opt.step)):
+            _backward(m, o, x, y)
+            s()
+        if k == 5:  # a checkpoint, loaded back in: the next compiled step adopts the loaded state
+            _assert_same_run(model, opt, ref_model, ref_opt)
+            buffer = io.BytesIO()  # as a checkpoint file holds it: the state_dict's tensors are the live ones
+            torch.save(opt.state_dict(), buffer)
+            buffer.seek(0)
+            saved = torch.load(buffer)
+            assert "_flat_steps" in opt.__dict__
+            opt.load_state_dict(saved)
+            assert "_flat_steps" not in opt.__dict__
+            fresh_model, _, _ = _model_and_data(seed=7)
+            fresh_model.load_state_dict(model.state_dict())
+            fresh = optim.Adam_CM(fresh_model.parameters(), lr=1e-2, topC=3, weight_decay=0.01)
+            buffer.seek(0)
+            fresh.load_state_dict(torch.load(buffer))  # a copy of its own: opt steps its tensors in place
+    _assert_same_run(model, opt, ref_model, ref_opt)
+    for _ in range(3):  # the checkpoint, stepped eagerly from step 6 on
+        _backward(fresh_model, fresh, x, y)
+        fresh.step()
+    _assert_same_run(fresh_model, fresh, ref_model, ref_opt)
+
+
+def test_recipe_skips_a_parameter_without_gradient_and_never_touches_a_frozen_one():
+    """Under torch.compile(opt.step) a parameter whose .grad is None is skipped as torch.optim
+    skips it (parameter and state untouched, its step held), and a frozen parameter is never
+    stepped, as in the eager drop-in."""
+    torch._dynamo.reset()
+    model, x, y = _model_and_data()
+    ref_model, _, _ = _model_and_data()
+    for m in (model, ref_model):
+        m[0].bias.requires_grad_(False)
+    opt = optim.Adam_C(model.parameters(), lr=1e-2, topC=2)
+    ref_opt = optim.Adam_C(ref_model.parameters(), lr=1e-2, topC=2)
+    step = torch.compile(opt.step)
+    frozen = model[0].bias.detach().clone()
+    for k in range(5):
+        for m, o, s in ((model, opt, step), (ref_model, ref_opt, ref_opt.step)):
+            _backward(m, o, x, y)
+            if k == 2:
+                m[2].bias.grad = None
+            s()
+        if k == 2:
+            held = int(opt.state[model[2].bias]["step"])
+            assert held == int(opt.state[model[2].weight]["step"]) - 1
+    assert torch.equal(model[0].bias, frozen)
+    _assert_same_run(model, opt, ref_model, ref_opt)

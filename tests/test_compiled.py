@@ -374,3 +374,29 @@ def test_eager_dropin_step_never_syncs_on_cuda():
             opt.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("change", [dict(momentum=0.9), dict(topC=1)])
+def test_compiled_dropin_refuses_a_layout_change_in_any_group_before_any_group_moves(change):
+    """A structural hyperparameter changed after the state exists (a momentum set from 0, topC)
+    in the second param group raises naming it, old and new value, before the first group
+    steps: every parameter and all state stay as they were."""
+    model = _mlp()
+    opt = compiled.SGD_C(
+        [{"params": [model[0].weight, model[0].bias]}, {"params": [model[2].weight, model[2].bias]}],
+        lr=1e-2, momentum=0.0, topC=2,
+    )
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for _ in range(3):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    opt.param_groups[1].update(change)
+    before = [p.detach().clone() for p in model.parameters()]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    (name, value), = change.items()
+    with pytest.raises(ValueError, match=rf"param group 1: changed '{name}' from .* to {value} after its state was made"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    for p in model.parameters():
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state[id(p)].items())

@@ -57,6 +57,7 @@ SUBSETS = {
     ],
     "recipe": [
         "tests/test_compile_recipe.py::test_recipe_refuses_a_structural_change_and_applies_a_neutral_one_like_eager",
+        "tests/test_compile_recipe.py::test_recipe_compiles_no_worse_than_adamw_and_matches_eager",
     ],
     "stepper": [
         "tests/test_compiled_runs.py",
@@ -509,10 +510,26 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "opt-recipe-layout-unchecked", "memopt_func/optim.py",
-        "                _check_layout_outside_graph(self, group, rule, params)",
-        "                pass",
+        "            self._check_layouts()",
+        "            pass",
         "under torch.compile(opt.step) a changed topC is stepped without a word",
         "gap: the recipe refuses a layout change as eager does",
+        tests="recipe",
+    ),
+    Mutant(
+        "opt-recipe-flat-layout-unknown", "memopt_func/compiled/optim.py",
+        "            opt._laid_out[params[0]] = (opt._rule_key(group), rule, _hyper_values(group, rule))",
+        "            pass",
+        "flat steppers do not record the layout their first step made, so a changed topC goes unchecked",
+        "gap: the recipe (and a compiled drop-in) refuses a layout change as eager does",
+        tests="recipe",
+    ),
+    Mutant(
+        "opt-recipe-traced-per-tensor", "memopt_func/optim.py",
+        "        return fits and (torch.compiler.is_compiling() or _compile_callback() is not None)",
+        "        return False",
+        "under torch.compile(opt.step) the drop-in is traced tensor by tensor (minutes of compiling)",
+        "gap: the recipe hands the step to flat steppers",
         tests="recipe",
     ),
     Mutant(
