@@ -57,6 +57,13 @@ def flatten_grads(grads: Any, spec: pytree.TreeSpec, params: Sequence[Tensor]) -
             "grads do not have the structure of params:\n"
             f"  params: {spec}\n  grads:  {gspec}"
         )
+    check_grad_leaves(leaves, params)
+    return leaves
+
+
+def check_grad_leaves(leaves: Sequence[Tensor | None], params: Sequence[Tensor]) -> None:
+    """Raise ValueError unless each gradient leaf is None or a dense tensor of its parameter's
+    dtype, shape and device."""
     for i, (g, p) in enumerate(zip(leaves, params)):
         if g is None:
             continue
@@ -73,7 +80,6 @@ def flatten_grads(grads: Any, spec: pytree.TreeSpec, params: Sequence[Tensor]) -
             raise ValueError(f"grads leaf {i} has shape {tuple(g.shape)} but its parameter has {tuple(p.shape)}")
         if g.device != p.device:
             raise ValueError(f"grads leaf {i} is on {g.device} but its parameter is on {p.device}")
-    return leaves
 
 
 def check_state(state: Any, params: Sequence[Tensor], rule_name: str) -> None:

@@ -13,8 +13,6 @@ from typing import Any, Callable
 
 import torch
 
-import torch.utils._pytree as pytree
-
 from memopt_func import _tree, sharding
 from memopt_func import optim as eager
 from memopt_func.optim import _ROW_FIELDS, MemoryOptimizer, _hyper_values, assemble, explode
@@ -95,7 +93,7 @@ class FlatSteps:
                 opt._check_layout_kept(group, rule, list(params))
             stepper = self.steppers.get(index)
             if stepper is None or not stepper.grads_in_place(params):
-                _tree.flatten_grads(grads, pytree.tree_structure(list(params)), params)
+                _tree.check_grad_leaves(grads, params)
             rule._resolve({name: group[name] for name in rule.dynamic_names()})
         except ValueError as e:
             raise ValueError(f"{name}, param group {index}: {e}") from None
