@@ -294,15 +294,20 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if self._steps_flat():
             return self._flat_step(closure)
         if _compile_callback() is not None:
-            # checked here, untraced: a check inside the traced step would break its graph
-            self._check_layouts()
+            # made and checked here, untraced: state made inside the traced step differs between
+            # Dynamo's first analysis and a restarted one, and a check there would break its graph
+            self._prepare_untraced()
         return self._step(closure)
 
-    def _check_layouts(self) -> None:
-        """``_check_layout_kept`` for every group that steps (ValueError naming the group)."""
+    def _prepare_untraced(self) -> None:
+        """A fresh state for every group that steps and has none, then ``_check_layout_kept``
+        for every group that steps (ValueError naming the group)."""
         for index, group in enumerate(self.param_groups):
             params = group["params"]
-            if not self.state.get(params[0]) or all(p.grad is None for p in params):
+            if all(p.grad is None for p in params):
+                continue
+            if not self.state.get(params[0]):
+                self._init_group(group)
                 continue
             try:
                 self._check_layout_kept(group, self._rule(group), _real(params))
@@ -317,9 +322,13 @@ class MemoryOptimizer(torch.optim.Optimizer):
         size does not depend on it, with every hyperparameter that changes held in a tensor.
         Steps that flat steppers do not take stay traced per tensor: ``differentiable=True``,
         complex and DTensor (sharded) parameters."""
-        if "_flat_steps" in self.__dict__:
-            return True
         fits = self.__dict__.get("_flat_fits", False) and not self.defaults.get("differentiable", False)
+        if "_flat_steps" in self.__dict__:
+            if fits:
+                return True
+            # a param group that flat steppers cannot step was added: every group goes back to
+            # the rule's own step, which reads and writes the state entries in place of the steppers
+            del self.__dict__["_flat_steps"]
         return fits and (torch.compiler.is_compiling() or _compile_callback() is not None)
 
     def _step(self, closure: Callable[[], Any] | None) -> Any:

@@ -260,3 +260,54 @@ def test_recipe_skips_a_parameter_without_gradient_and_never_touches_a_frozen_on
             assert held == int(opt.state[model[2].weight]["step"]) - 1
     assert torch.equal(model[0].bias, frozen)
     _assert_same_run(model, opt, ref_model, ref_opt)
+
+
+def test_recipe_takes_a_complex_param_group_added_after_flat_steps():
+    """A param group that flat steppers cannot step (complex parameters), added after steps under
+    torch.compile(opt.step), sends every group back to the rule's own (traced) step, carrying on
+    from the flat steppers' state: the same run as eager."""
+    torch._dynamo.reset()
+    model, x, y = _model_and_data()
+    ref_model, _, _ = _model_and_data()
+    opt = optim.Adam_CM(model.parameters(), lr=1e-2, topC=2, synced=False)
+    ref_opt = optim.Adam_CM(ref_model.parameters(), lr=1e-2, topC=2, synced=False)
+    step = torch.compile(opt.step, backend="aot_eager")
+    z = nn.Parameter(torch.randn(5, dtype=torch.complex64))
+    ref_z = nn.Parameter(z.detach().clone())
+    gen = torch.Generator().manual_seed(3)
+    for k in range(5):
+        if k == 2:
+            opt.add_param_group({"params": [z]})
+            ref_opt.add_param_group({"params": [ref_z]})
+            assert "_flat_steps" in opt.__dict__
+        g = torch.randn(5, dtype=torch.complex64, generator=gen)
+        for m, o, s, c in ((model, opt, step, z), (ref_model, ref_opt, ref_opt.step, ref_z)):
+            _backward(m, o, x, y)
+            c.grad = g.clone()
+            s()
+    assert "_flat_steps" not in opt.__dict__
+    _assert_same_run(model, opt, ref_model, ref_opt)
+    torch.testing.assert_close(z, ref_z, rtol=TOL, atol=TOL * 1e-2)
+
+
+def test_recipe_takes_a_param_group_added_mid_run():
+    """A param group added after steps under torch.compile(opt.step) gets a flat stepper of its
+    own from its first step (traced tensor by tensor, a group whose state was made during the
+    trace failed when Dynamo restarted its analysis): the same run as eager."""
+    torch._dynamo.reset()
+    model, x, y = _model_and_data()
+    ref_model, _, _ = _model_and_data()
+    first, ref_first = list(model[0].parameters()), list(ref_model[0].parameters())
+    opt = optim.Adam_CM(first, lr=1e-2, topC=2)
+    ref_opt = optim.Adam_CM(ref_first, lr=1e-2, topC=2)
+    step = torch.compile(opt.step)
+    for k in range(5):
+        if k == 2:
+            opt.add_param_group({"params": list(model[2].parameters()), "lr": 3e-2})
+            ref_opt.add_param_group({"params": list(ref_model[2].parameters()), "lr": 3e-2})
+        for m, o, s in ((model, opt, step), (ref_model, ref_opt, ref_opt.step)):
+            _backward(m, o, x, y)
+            s()
+    assert len(opt._flat_steps.steppers) == 2
+    assert int(opt.state[model[2].weight]["step"]) == 3
+    _assert_same_run(model, opt, ref_model, ref_opt)

@@ -510,7 +510,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "opt-recipe-layout-unchecked", "memopt_func/optim.py",
-        "            self._check_layouts()",
+        "            self._prepare_untraced()",
         "            pass",
         "under torch.compile(opt.step) a changed topC is stepped without a word",
         "gap: the recipe refuses a layout change as eager does",
