@@ -197,20 +197,12 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if before is None:
             return
         if torch.compiler.is_compiling():
-            # Under torch.compile(opt.step) a float that changes may be symbolic, but the static
-            # hyperparameters (topC, synced, buffer_dtype, ...) are constants whose change
-            # recompiles: compare those here, and check a change outside the graph (a momentum
-            # set from 0 is refused where the missing buffer is found).
-            static = {h.name for h in self.RULE.HYPERS if not h.dynamic}
-            now = self._rule_key(group)
-            if [e for e in before if e[0] in static] != [e for e in now if e[0] in static]:
-                _check_layout_outside_graph(self, group, rule, params)
-            return
+            return  # checked untraced before any traced step (``_prepare_untraced``)
         key = self._rule_key(group)
         if before == key:
             return
         if _layout(old_rule, params) == _layout(rule, params):
-            self._laid_out[group["params"][0]] = (key, rule, _hyper_values(group, rule))
+            self._record_layout(group, rule)
             return
         changed = [f"{n!r} from {old_values[n]!r} to {group[n]!r}" for (n, o), (_, v) in zip(before, key) if o != v]
         raise ValueError(
@@ -254,8 +246,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
         params = group["params"]
         entries = explode(state, len(params), self._synced(rule))
         if torch.compiler.is_compiling() and self.state.get(params[0]):
-            # written into the tensors the graph was traced with: Dynamo guards on their identity
-            # (``_init_group``), so new tensors would compile the step again. _foreach_copy_, as
+            # written into the tensors the graph was traced with: Dynamo guards on their identity,
+            # so new tensors would compile the step again. _foreach_copy_, as
             # torch.compile drops a plain copy_ into a 0-d float64 CPU tensor (``step``)
             pairs = [(self.state[p][k], v) for p, d in zip(params, entries) for k, v in d.items()]
             pairs = [(dst, src) for dst, src in pairs if dst is not src]
@@ -265,7 +257,11 @@ class MemoryOptimizer(torch.optim.Optimizer):
         for p, d in zip(params, entries):
             self.state[p] = d
         self._template(group, rule, _real(params), state)
-        self._laid_out[params[0]] = (self._rule_key(group), rule, _hyper_values(group, rule))
+        self._record_layout(group, rule)
+
+    def _record_layout(self, group: dict[str, Any], rule: Rule) -> None:
+        """Note the layout the group's state has now (``_check_layout_kept`` compares with it)."""
+        self._laid_out[group["params"][0]] = (self._rule_key(group), rule, _hyper_values(group, rule))
 
     @staticmethod
     def _synced(rule: Rule) -> bool:
@@ -299,9 +295,11 @@ class MemoryOptimizer(torch.optim.Optimizer):
             self._prepare_untraced()
         return self._step(closure)
 
+    @torch.compiler.disable
     def _prepare_untraced(self) -> None:
         """A fresh state for every group that steps and has none, then ``_check_layout_kept``
-        for every group that steps (ValueError naming the group)."""
+        for every group that steps (ValueError naming the group). Disabled for Dynamo, which
+        would otherwise trace this frame too: ``step``'s own frame is the only one it skips."""
         for index, group in enumerate(self.param_groups):
             params = group["params"]
             if all(p.grad is None for p in params):
@@ -402,8 +400,6 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if all(g is None for g in grads):
             return None
         views = _real(params)
-        if torch.compiler.is_compiling():
-            self._init_group(group)
         try:
             rule = self._rule(group)
             if self.state.get(params[0]):
@@ -420,10 +416,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
         return group, rule, prepared, state
 
     def _init_group(self, group: dict[str, Any]) -> None:
-        """The group's rule and, before its first step, its fresh state, made outside the graph
-        under ``torch.compile(opt.step)``: Dynamo runs an optimizer's ``_init_group`` eagerly while
-        it traces (as for torch.optim's own), so the first step compiles to the same graph as every
-        later one. A bad value is left to the traced checks, which raise it."""
+        """Before a group's first step under torch.compile, its fresh state, made untraced
+        (``_prepare_untraced``), so the first step compiles to the same graph as every later one.
+        A bad value is left to the traced checks, which raise it."""
         try:
             rule = self._rule(group)
             if not self.state.get(group["params"][0]):
@@ -487,7 +482,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"state_dict entry for parameter {pid} lacks {missing}")
                 self.state[p] = {k: _entry(v, want.get(k), p.device) for k, v in entry.items()}
             if self.state.get(params[0]):
-                self._laid_out[params[0]] = (self._rule_key(group), rule, _hyper_values(group, rule))
+                self._record_layout(group, rule)
             self._check_loaded(group, rule)
 
     def _check_loaded(self, group: dict[str, Any], rule: Rule) -> None:
@@ -585,12 +580,6 @@ def _entry(value: Any, want: Tensor | None, device: torch.device) -> Any:
     if not isinstance(value, Tensor):
         return torch.tensor(value, dtype=want.dtype, device=device).reshape(want.shape)
     return value.to(device=device, dtype=want.dtype)
-
-
-@torch.compiler.disable
-def _check_layout_outside_graph(opt: "MemoryOptimizer", group: dict[str, Any], rule: Rule, params: list[Tensor]) -> None:
-    """``_check_layout_kept`` run eagerly, from a compiled step whose static hyperparameters changed."""
-    opt._check_layout_kept(group, rule, params)
 
 
 def _hyper_values(group: dict[str, Any], rule: Rule) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 
 from memopt_func import _tree, sharding
 from memopt_func import optim as eager
-from memopt_func.optim import _ROW_FIELDS, MemoryOptimizer, _hyper_values, assemble, explode
+from memopt_func.optim import _ROW_FIELDS, MemoryOptimizer, assemble, explode
 
 from .stepper import Stepper
 
@@ -44,7 +44,7 @@ class FlatSteps:
             return stepper
         synced = opt._synced(rule)
         if not opt.state.get(params[0]):  # its layout is now fixed (``_check_layout_kept``)
-            opt._laid_out[params[0]] = (opt._rule_key(group), rule, _hyper_values(group, rule))
+            opt._record_layout(group, rule)
         dicts = explode(opt._group_state(group, rule, store=False), len(params), synced)
         chosen = [dict(dicts[i]) for i in trainable]
         if synced:  # the group's key rows live with its first parameter

@@ -518,7 +518,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "opt-recipe-flat-layout-unknown", "memopt_func/compiled/optim.py",
-        "            opt._laid_out[params[0]] = (opt._rule_key(group), rule, _hyper_values(group, rule))",
+        "            opt._record_layout(group, rule)",
         "            pass",
         "flat steppers do not record the layout their first step made, so a changed topC goes unchecked",
         "gap: the recipe (and a compiled drop-in) refuses a layout change as eager does",
