@@ -375,21 +375,27 @@ def _write_whole_on_host(state: CriticalBufferState, xs: Sequence[Tensor], idx: 
         kind[0].append(state.buf_sum[i])
         kind[1].append(x if x.dtype == buf.dtype else x.to(buf.dtype))
         kind[2].append(buf.select(0, slot[r]))
-    totals, stored, rows = replace
-    if totals:  # x - old in float64 (exact for the slots' values), then the sum moves
+    if replace[0]:
+        _move_sums(*replace, replaced=True)
+    if fill[0]:
+        _move_sums(*fill, replaced=False)
+    return taken
+
+
+def _move_sums(totals: list[Tensor], stored: list[Tensor], rows: list[Tensor], replaced: bool) -> None:
+    """``total += x - old`` (``old`` the slot row's value where ``replaced``, else 0), then
+    ``row = x``, in place: the multi-tensor form of ``_running_sum`` and the write."""
+    if replaced:  # x - old in float64 (exact for the slots' values), then the sum moves
         change, old = M.scratch_list(stored, torch.float64), M.scratch_list(rows, torch.float64)
         torch._foreach_copy_(change, stored)
         torch._foreach_copy_(old, rows)  # widened here (a mixed-dtype sub_ would allocate it)
         torch._foreach_sub_(change, old)
         torch._foreach_add_(totals, change)
-        torch._foreach_copy_(rows, stored)
-    totals, stored, rows = fill
-    if totals:  # the old value counts as 0: x widened, then added
+    else:  # the old value counts as 0: x widened, then added
         wide = M.scratch_list(stored, torch.float64)
         torch._foreach_copy_(wide, stored)
         torch._foreach_add_(totals, wide)
-        torch._foreach_copy_(rows, stored)
-    return taken
+    torch._foreach_copy_(rows, stored)
 
 
 def _running_sum(total: Tensor, stored: Tensor, here: Tensor, adm: Tensor | None, was_full: Tensor, donate: bool) -> Tensor:
