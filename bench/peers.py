@@ -5,10 +5,12 @@
 
 Every cell builds ``N`` parameters of ``M`` elements, then steps as a training loop does: before
 each step ``zero_grad()`` and a backward pass (of ``sum((p * w).sum())`` with fixed random ``w``)
-leave the gradients where backward leaves them; only ``optimizer.step()`` is timed. The columns:
-the median step after 3 warm-up steps, its ratio to ``torch.compile(torch.optim.AdamW(...).step)``
-(PyTorch's recipe) at the same size, and the first step's time, which includes compiling: each
-cell gets an empty Inductor cache, as a user's first run does.
+leave the gradients where backward leaves them. The columns: the median ``optimizer.step()``
+after 3 warm-up steps and the median whole iteration (``zero_grad``, backward and step; where the
+gradients go, and so what the step and backward each pay for them, depends on ``zero_grad``),
+each with its ratio to ``torch.compile(torch.optim.AdamW(...).step)`` (PyTorch's recipe) at the
+same size, and the first step's time, which includes compiling: each cell gets an empty Inductor
+cache, as a user's first run does.
 AdEMAMix everywhere runs lr 1e-3, betas (0.9, 0.999, 0.9999), alpha 5, eps 1e-8, no weight decay.
 Rows whose package is not installed are reported as missing, not dropped silently.
 """
@@ -71,13 +73,16 @@ first = time.perf_counter() - t0
 for _ in range(3):
     backward()
     step()
-times = []
+times, iters = [], []
 for _ in range(steps):
-    backward()
     t0 = time.perf_counter()
+    backward()
+    t1 = time.perf_counter()
     step()
-    times.append(time.perf_counter() - t0)
-print(json.dumps({{"ms": 1e3 * statistics.median(times), "first_s": first}}))
+    t2 = time.perf_counter()
+    times.append(t2 - t1)
+    iters.append(t2 - t0)
+print(json.dumps({{"ms": 1e3 * statistics.median(times), "iter_ms": 1e3 * statistics.median(iters), "first_s": first}}))
 """
 
 
@@ -105,20 +110,29 @@ def markdown(info: dict, table: dict, sizes: list[str]) -> str:
         f"torch {info['torch']}, Python {info['python']}, {info['cpu']}, {info['threads']} threads; "
         f"{', '.join(f'{k} {v}' for k, v in info['versions'].items())}",
         "",
-        "| optimizer | " + " | ".join(f"{s}: step ms (x recipe AdamW) | first step s" for s in sizes) + " |",
-        "|---|" + "---|---|" * len(sizes),
+        "| optimizer | "
+        + " | ".join(f"{s}: step ms (x recipe AdamW) | iteration ms (x) | first step s" for s in sizes)
+        + " |",
+        "|---|" + "---|---|---|" * len(sizes),
     ]
     for name, cells in table.items():
         row = []
         for s in sizes:
             c, base = cells[s], table[BASELINE][s]
             if "ms" not in c:
-                row.append(f"{c.get('missing') or c.get('error')} | -")
+                row.append(f"{c.get('missing') or c.get('error')} | - | -")
             else:
-                ratio = f" ({c['ms'] / base['ms']:.2f})" if "ms" in base else ""
-                row.append(f"{c['ms']:.2f}{ratio} | {c['first_s']:.1f}")
+                row.append(f"{_cell(c, base, 'ms')} | {_cell(c, base, 'iter_ms')} | {c['first_s']:.1f}")
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(c: dict, base: dict, key: str) -> str:
+    """A time in ms with its ratio to the baseline's (``-`` where a result lacks it)."""
+    if key not in c:
+        return "-"
+    ratio = f" ({c[key] / base[key]:.2f})" if key in base else ""
+    return f"{c[key]:.2f}{ratio}"
 
 
 def main(argv=None) -> int:

@@ -13,14 +13,20 @@ import peers  # noqa: E402
 def test_an_eager_cell_runs_in_a_fresh_process_and_reports_a_time():
     cell = peers.run_cell("optim.AdEMAMix, eager", 2, 100, steps=2)
     assert cell["ms"] > 0 and cell["first_s"] > 0
+    assert cell["iter_ms"] >= cell["ms"]  # the iteration includes the step
 
 
 def test_a_missing_package_is_reported_in_the_table_not_dropped(monkeypatch):
     monkeypatch.setitem(peers.CANDIDATES, "absent peer", ("no_such_package_here", "None", False))
     cell = peers.run_cell("absent peer", 2, 100, steps=2)
     assert "not installed" in cell["missing"]
-    table = {peers.BASELINE: {"2x100": {"ms": 2.0, "first_s": 1.0}}, "absent peer": {"2x100": cell}}
+    table = {
+        peers.BASELINE: {"2x100": {"ms": 2.0, "iter_ms": 5.0, "first_s": 1.0}},
+        "absent peer": {"2x100": cell},
+        "older result": {"2x100": {"ms": 3.0, "first_s": 1.5}},  # from before the iteration column
+    }
     info = {"torch": "x", "python": "3", "cpu": "cpu", "threads": 2, "versions": {}, "when": "now"}
     text = peers.markdown(info, table, ["2x100"])
-    assert "| absent peer | no_such_package_here is not installed" in text
-    assert f"| {peers.BASELINE} | 2.00 (1.00) | 1.0 |" in text
+    assert "| absent peer | no_such_package_here is not installed (pip install -e '.[bench]') | - | - |" in text
+    assert f"| {peers.BASELINE} | 2.00 (1.00) | 5.00 (1.00) | 1.0 |" in text
+    assert "| older result | 3.00 (1.50) | - | 1.5 |" in text
