@@ -1,7 +1,9 @@
-"""What SPEC's exact ``buf_sum`` costs the eager CPU step, and why a float32 running sum cannot keep it.
+"""Where the eager CPU step's time goes against the published loop: SPEC's exact ``buf_sum``
+(what it costs, and why a float32 running sum cannot keep it) and the length of its runs.
 
-    python bench/exact_sum_cost.py drift [--steps 1500] [--numel 4096] [--every 0,1000,100,10,2,1]
-    python bench/exact_sum_cost.py time [--sizes 200x10000,20x1000000] [--rules Adam_C,SGD_C] [--repeats 2]
+    python bench/eager_gap.py drift [--steps 1500] [--numel 4096] [--every 0,1000,100,10,2,1]
+    python bench/eager_gap.py time [--sizes 200x10000,20x1000000] [--rules Adam_C,SGD_C] [--repeats 2]
+    python bench/eager_gap.py runs [--sizes 200x10000] [--rules Adam_C] [--per-run 1,4,25,100]
 
 ``drift``: Adam_C's functional rule (float32, topC 10, decay 0.99) on a stream whose scale falls
 six decades, in three abrupt drops or smoothly. Beside the rule's float64 ``buf_sum``, a float32
@@ -17,6 +19,11 @@ only; it breaks SPEC, and is timed only to size what the exact sum costs). Then 
 loops over the same tensors: the slot write with an exact float64 sum against a float32 running
 sum, and the float64 sum's conversion for the aggregate, which an ideal per-tensor loop like the
 published one would still pay.
+
+``runs``: ours with ``cpu_chunk_numel`` set so that each multi-tensor op covers 1, 4, ... tensors,
+at the given size and at 16 elements per tensor with the same runs (overhead alone). The
+difference is the time spent on the data, and tells whether shorter runs, which keep a run's
+tensors in cache between ops as the published per-tensor loop does, make the data cheaper.
 """
 
 from __future__ import annotations
@@ -81,7 +88,7 @@ import memopt_func
 from memopt_func import critical_buffer as cb
 from memopt_func.apps.benchmarking import time_steps
 from published_style import PUBLISHED_STYLE
-impl, name, n, size, steps = {impl!r}, {name!r}, {n}, {size}, {steps}
+impl, name, n, size, steps, chunk = {impl!r}, {name!r}, {n}, {size}, {steps}, {chunk}
 if impl == "ours, float32 running sum":
     init = cb.init
 
@@ -101,6 +108,8 @@ params = [torch.nn.Parameter(torch.randn(size)) for _ in range(n)]
 for p in params:
     p.grad = torch.randn(size)
 opt = (PUBLISHED_STYLE[name] if impl == "published-style" else getattr(memopt_func, name))(params, lr=1e-3)
+if chunk:
+    opt.cpu_chunk_numel = chunk
 for _ in range(12):
     opt.step()
 if impl != "published-style":
@@ -111,8 +120,9 @@ print(json.dumps(1e3 * times[len(times) // 2]))
 IMPLS = ("published-style", "ours", "ours, float32 running sum")
 
 
-def run_cell(impl: str, name: str, n: int, size: int, steps: int) -> float:
-    code = CELL.format(here=HERE, impl=impl, name=name, n=n, size=size, steps=steps)
+def run_cell(impl: str, name: str, n: int, size: int, steps: int, chunk: int = 0) -> float:
+    """The median step in ms of one cell in a fresh process (``chunk``: ours' ``cpu_chunk_numel``)."""
+    code = CELL.format(here=HERE, impl=impl, name=name, n=n, size=size, steps=steps, chunk=chunk)
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": ROOT},
@@ -163,13 +173,14 @@ def per_tensor_loops(n: int, size: int, repeats: int = 30) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["drift", "time"])
+    ap.add_argument("part", choices=["drift", "time", "runs"])
     ap.add_argument("--steps", type=int, default=None, help="drift: stream length (1500); time: timed steps per cell (9)")
     ap.add_argument("--numel", type=int, default=4096)
     ap.add_argument("--every", default="0,1000,100,10,2,1")
     ap.add_argument("--sizes", default="200x10000,20x1000000")
     ap.add_argument("--rules", default="Adam_C,SGD_C")
     ap.add_argument("--repeats", type=int, default=2, help="fresh processes per cell")
+    ap.add_argument("--per-run", default="1,4,25,100", help="runs: tensors per multi-tensor op")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     results: dict = {"part": args.part, "torch": torch.__version__}
@@ -183,6 +194,19 @@ def main(argv=None) -> int:
             label = "three drops of two decades" if jumps else "a smooth fall of six decades"
             results[label] = worst
             print(f"| {label} | " + " | ".join(f"{worst[k]:.3g}" for k in [*every, "rule"]) + " |", flush=True)
+    elif args.part == "runs":
+        steps = args.steps or 9
+        print("| size | rule | tensors per run | step ms | at 16 elements per tensor ms | on the data ms |")
+        print("|---|---|---|---|---|---|")
+        for s in args.sizes.split(","):
+            n, size = (int(x) for x in s.split("x"))
+            for name in args.rules.split(","):
+                for per_run in (int(k) for k in args.per_run.split(",")):
+                    # the fastest of the fresh processes: the overhead is subtracted, so noise counts twice
+                    full = min(run_cell("ours", name, n, size, steps, size * per_run) for _ in range(args.repeats))
+                    bare = min(run_cell("ours", name, n, 16, steps, 16 * per_run) for _ in range(args.repeats))
+                    results[f"{s} {name} {per_run}"] = {"ms": full, "overhead_ms": bare}
+                    print(f"| {s} | {name} | {per_run} | {full:.1f} | {bare:.1f} | {full - bare:.1f} |", flush=True)
     else:
         steps = args.steps or 9
         print("| size | rule | " + " | ".join(f"{impl} ms" for impl in IMPLS) + " | published / ours | published / ours with float32 sum |")

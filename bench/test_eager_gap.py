@@ -1,4 +1,4 @@
-"""bench/exact_sum_cost.py's code paths at tiny sizes (no timing is asserted)."""
+"""bench/eager_gap.py's code paths at tiny sizes (no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import exact_sum_cost  # noqa: E402
+import eager_gap  # noqa: E402
 
 
 def test_drift_the_rules_sum_holds_the_bound_a_float32_running_sum_does_not():
-    worst = exact_sum_cost.drift(steps=1500, numel=64, every=[0, 1], jumps=True)
+    worst = eager_gap.drift(steps=1500, numel=64, every=[0, 1], jumps=True)
     assert worst["rule"] <= 1.0  # SPEC's invariant, as the property states it
     assert worst[1] <= 1.0  # re-summed at every step: the bound holds
     assert worst[0] > 100.0  # never re-summed: the evicted values' rounding stays in the sum
@@ -19,7 +19,12 @@ def test_drift_the_rules_sum_holds_the_bound_a_float32_running_sum_does_not():
 
 def test_time_cells_run_each_variant_in_a_fresh_process():
     # the float32 variant's cell asserts that its patch took effect (buf_sum is float32 there)
-    for impl in exact_sum_cost.IMPLS:
-        assert exact_sum_cost.run_cell(impl, "SGD_C", 3, 50, steps=2) > 0
-    loops = exact_sum_cost.per_tensor_loops(3, 50, repeats=2)
+    for impl in eager_gap.IMPLS:
+        assert eager_gap.run_cell(impl, "SGD_C", 3, 50, steps=2) > 0
+    loops = eager_gap.per_tensor_loops(3, 50, repeats=2)
     assert len(loops) == 3 and all(ms > 0 for ms in loops.values())
+
+
+def test_a_runs_cell_steps_with_the_chunk_it_is_given():
+    one = eager_gap.run_cell("ours", "Adam_C", 3, 16, steps=2, chunk=16)
+    assert one > 0
