@@ -3,7 +3,7 @@
 
     python bench/eager_gap.py drift [--steps 1500] [--numel 4096] [--every 0,1000,100,10,2,1]
     python bench/eager_gap.py time [--sizes 200x10000,20x1000000] [--rules Adam_C,SGD_C] [--repeats 2]
-    python bench/eager_gap.py runs [--sizes 200x10000] [--rules Adam_C] [--per-run 1,4,25,100]
+    python bench/eager_gap.py runs [--sizes ...] [--rules ...] [--per-run 1,4,25,100] [--repeats 2]
 
 ``drift``: Adam_C's functional rule (float32, topC 10, decay 0.99) on a stream whose scale falls
 six decades, in three abrupt drops or smoothly. Beside the rule's float64 ``buf_sum``, a float32
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
