@@ -1,0 +1,120 @@
+"""Compiled step time at Inductor's default vector width and at another one, on a CPU.
+
+    python bench/vector_width.py [--size 20x1000000] [--simdlen 256] [--stepper]
+
+Each width runs in a fresh process with an empty Inductor cache. In that process every cell is
+built, warmed up (12 steps), then timed in five rounds of eight steps, the cells alternating; the
+median round is reported, with its ratio to ``torch.compile(torch.optim.AdamW(...).step)`` with a
+tensor lr compiled at the default width (the first process). Gradients are set once, not made by
+backward. Cells: the compiled drop-ins (AdEMAMix, Adam_CM, Adam_C, SGD_C with momentum 0.9,
+RMSprop_C), or with ``--stepper`` the ``compiled.Stepper`` over the bare rules (Adam, AdamW) and
+the critical ones with other aggregations, which locate where a step's time goes. The vector
+width only changes speed where Inductor compiles right (``bench/RESULTS.md``, "256-bit vectors").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+DROP_INS = {
+    "AdEMAMix": "memopt_func.compiled.AdEMAMix(params, lr=1e-3)",
+    "Adam_CM": "memopt_func.compiled.Adam_CM(params, lr=1e-3)",
+    "Adam_C": "memopt_func.compiled.Adam_C(params, lr=1e-3)",
+    "SGD_C": "memopt_func.compiled.SGD_C(params, lr=1e-3, momentum=0.9)",
+    "RMSprop_C": "memopt_func.compiled.RMSprop_C(params, lr=1e-3)",
+}
+STEPPERS = {
+    "Stepper(Adam)": "rules.Adam()",
+    "Stepper(AdamW)": "rules.AdamW()",
+    "Stepper(Adam_C)": "rules.Adam_C()",
+    "Stepper(Adam_C, aggr='buffer')": "rules.Adam_C(aggr='buffer')",
+    "Stepper(Adam_C, kappa=0.5)": "rules.Adam_C(kappa=0.5)",
+    "Stepper(Adam_CM)": "rules.Adam_CM()",
+    "Stepper(Adam_CM, aggr='sum')": "rules.Adam_CM(aggr='sum')",
+}
+
+CELL = r"""
+import json, statistics, sys, time, torch
+import torch._inductor.config as inductor
+import memopt_func, memopt_func.compiled
+from memopt_func import rules
+from memopt_func.compiled import Stepper
+if {simdlen!r} is not None:
+    inductor.cpp.simdlen = {simdlen!r}
+n, size, cells, stepper = {n}, {size}, {cells!r}, {stepper!r}
+
+def build(make):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(size, generator=gen)) for _ in range(n)]
+    grads = [torch.randn(size, generator=gen) for _ in range(n)]
+    if make == "AdamW":
+        opt = torch.optim.AdamW(params, lr=torch.tensor(1e-3))
+        step = torch.compile(opt.step)
+    elif stepper:
+        st = Stepper(eval(make), [p.detach() for p in params])
+        step = lambda: st.step(grads, lr=1e-3)
+    else:
+        opt = eval(make)
+        step = opt.step
+    for p, g in zip(params, grads):
+        p.grad = g
+    for _ in range(12):
+        step()
+    return step
+
+steps = {{name: build(make) for name, make in cells.items()}}
+rounds = {{name: [] for name in steps}}
+for _ in range(5):
+    for name, step in steps.items():
+        t0 = time.perf_counter()
+        for _ in range(8):
+            step()
+        rounds[name].append((time.perf_counter() - t0) / 8 * 1e3)
+print(json.dumps({{name: statistics.median(r) for name, r in rounds.items()}}))
+"""
+
+
+def run_width(simdlen: int | None, n: int, size: int, cells: dict[str, str], stepper: bool) -> dict[str, float]:
+    """Median ms per cell in a fresh process at the given ``cpp.simdlen`` (None: Inductor's default)."""
+    code = CELL.format(simdlen=simdlen, n=n, size=size, cells=cells, stepper=stepper)
+    with tempfile.TemporaryDirectory() as cache:
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": ROOT, "TORCHINDUCTOR_CACHE_DIR": cache},
+        )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="20x1000000")
+    ap.add_argument("--simdlen", type=int, default=256, help="the width to compare with the default")
+    ap.add_argument("--stepper", action="store_true", help="time Steppers over bare rules instead of the drop-ins")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    n, size = (int(x) for x in args.size.split("x"))
+    cells = {"AdamW": "AdamW", **(STEPPERS if args.stepper else DROP_INS)}
+    default = run_width(None, n, size, cells, args.stepper)
+    other = run_width(args.simdlen, n, size, {k: v for k, v in cells.items() if k != "AdamW"}, args.stepper)
+    base = default["AdamW"]
+    print(f"{args.size}, ms (x torch.compile(AdamW.step) at the default width, {base:.2f} ms)")
+    print("| width | " + " | ".join(k for k in cells if k != "AdamW") + " |")
+    print("|---|" + "---|" * (len(cells) - 1))
+    for label, row in (("default", default), (f"cpp.simdlen={args.simdlen}", other)):
+        print(f"| {label} | " + " | ".join(f"{row[k]:.2f} ({row[k] / base:.2f})" for k in cells if k != "AdamW") + " |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"size": args.size, "default": default, f"simdlen_{args.simdlen}": other}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
