@@ -32,16 +32,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
+from cells import run_json  # noqa: E402
 from memopt_func import rules  # noqa: E402
 
 # ---------------------------------------------------------------------------------------- drift
@@ -121,12 +121,7 @@ IMPLS = ("published-style", "ours", "ours, float32 running sum")
 
 def run_cell(impl: str, name: str, n: int, size: int, steps: int, chunk: int = 0) -> float:
     """The median step in ms of one cell in a fresh process (``chunk``: ours' ``cpu_chunk_numel``)."""
-    code = CELL.format(here=HERE, impl=impl, name=name, n=n, size=size, steps=steps, chunk=chunk)
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json(CELL.format(here=HERE, impl=impl, name=name, n=n, size=size, steps=steps, chunk=chunk))
 
 
 def per_tensor_loops(n: int, size: int, repeats: int = 30) -> dict:

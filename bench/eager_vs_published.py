@@ -17,11 +17,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from cells import run_json  # noqa: E402
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30)}
 
 CELL = r"""
@@ -46,12 +47,7 @@ print(json.dumps({{"ms": 1e3 * times[len(times) // 2], "faults": faults}}))
 
 
 def run_cell(impl: str, name: str, n: int, size: int, steps: int, env: dict, device: str = "cpu") -> dict:
-    code = CELL.format(here=HERE, impl=impl, name=name, n=n, size=size, steps=steps, device=device)
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT, **env},
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json(CELL.format(here=HERE, impl=impl, name=name, n=n, size=size, steps=steps, device=device), env)
 
 
 def main(argv=None) -> int:

@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from cells import run_json  # noqa: E402
 
 DROP_INS = {
     "AdEMAMix": "memopt_func.compiled.AdEMAMix(params, lr=1e-3)",
@@ -85,12 +84,7 @@ print(json.dumps({{name: statistics.median(r) for name, r in rounds.items()}}))
 def run_width(simdlen: int | None, n: int, size: int, cells: dict[str, str], stepper: bool) -> dict[str, float]:
     """Median ms per cell in a fresh process at the given ``cpp.simdlen`` (None: Inductor's default)."""
     code = CELL.format(simdlen=simdlen, n=n, size=size, cells=cells, stepper=stepper)
-    with tempfile.TemporaryDirectory() as cache:
-        out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": ROOT, "TORCHINDUCTOR_CACHE_DIR": cache},
-        )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json(code, empty_inductor_cache=True)
 
 
 def main(argv=None) -> int:
