@@ -23,6 +23,7 @@ from memopt_func import _tree, sharding
 from memopt_func import critical_buffer as cb
 from memopt_func._rule import Rule
 
+from . import cpu_codegen
 from .flat import FlatLayout
 
 
@@ -121,6 +122,11 @@ class Stepper:
     stepper on CUDA). A per-tensor stepper (``flat=False``, or a rule that needs it, such as
     8-bit or stochastically rounded state) steps without a graph: a step may skip tensors
     without gradients, which one captured graph cannot.
+    ``compile_options``: keyword arguments for ``torch.compile`` over the stepper's own
+    (``fullgraph=True, dynamic=False``); an ``options`` dict among them is merged over the
+    stepper's Inductor options (``emulate_precision_casts``, and on an x86 CPU with 512-bit
+    vectors ``cpp.march`` from ``cpu_codegen``: give your own ``cpp.march`` to replace it), and
+    a ``mode`` comes in as the options it stands for.
     """
 
     def __init__(
@@ -207,8 +213,13 @@ class Stepper:
         self._compiled = compile and device.type != "meta"
         # emulate_precision_casts: a value stored in a lower buffer_dtype must round exactly as in
         # eager, or buf_sum drifts from the sum of the stored slots.
-        options = {"fullgraph": True, "dynamic": False, "options": {"emulate_precision_casts": True}}
-        options.update(compile_options or {})
+        # cpu_codegen: the compiler's own loops (float32 <-> float64) in 512-bit vectors on such CPUs
+        inductor = {"emulate_precision_casts": True, **cpu_codegen.inductor_options(device)}
+        options = {"fullgraph": True, "dynamic": False, **(compile_options or {})}
+        # torch.compile takes a mode or options, not both: a mode given comes in as its options
+        mode = options.pop("mode", None)
+        mode_options = torch._inductor.list_mode_options(mode) if mode is not None else {}
+        options["options"] = {**mode_options, **inductor, **options.get("options", {})}
         self._compile_options = options
         self._fn = torch.compile(_own_code(self._apply), **options) if self._compiled else self._apply
 
