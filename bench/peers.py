@@ -10,7 +10,10 @@ after 3 warm-up steps and the median whole iteration (``zero_grad``, backward an
 gradients go, and so what the step and backward each pay for them, depends on ``zero_grad``),
 each with its ratio to ``torch.compile(torch.optim.AdamW(...).step)`` (PyTorch's recipe) at the
 same size, and the first step's time, which includes compiling: each cell gets an empty Inductor
-cache, as a user's first run does.
+cache, as a user's first run does. The row with ``options=cpu_codegen`` compiles AdamW's step
+with ``torch.compile(opt.step, options=memopt_func.compiled.cpu_codegen.inductor_options(device))``,
+the Inductor options that our compiled steppers use (on an x86 CPU with 512-bit vectors, the C++
+compiler's own loops in 512-bit vectors; nothing elsewhere), to show what they do for AdamW.
 AdEMAMix everywhere runs lr 1e-3, betas (0.9, 0.999, 0.9999), alpha 5, eps 1e-8, no weight decay.
 Rows whose package is not installed are reported as missing, not dropped silently.
 """
@@ -30,10 +33,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 ADEMAMIX = "lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, eps=1e-8"
-# name -> (module to import, how to build the optimizer from `params`, whether to compile opt.step[,
-# the arguments of zero_grad])
+# name -> (module to import, how to build the optimizer from `params`, whether to compile opt.step
+# (True, or the keyword arguments of torch.compile as source)[, the arguments of zero_grad])
+CODEGEN = 'options=memopt_func.compiled.cpu_codegen.inductor_options(torch.device("cpu"))'
+
 CANDIDATES = {
     "torch.optim.AdamW, torch.compile(opt.step)": ("torch", "torch.optim.AdamW(params, lr=1e-3)", True),
+    "torch.optim.AdamW, torch.compile(opt.step, options=cpu_codegen)": (
+        "torch", "torch.optim.AdamW(params, lr=1e-3)", CODEGEN),
     "compiled.AdEMAMix": ("memopt_func", f"memopt_func.compiled.AdEMAMix(params, {ADEMAMIX})", False),
     "optim.AdEMAMix, torch.compile(opt.step)": ("memopt_func", f"memopt_func.optim.AdEMAMix(params, {ADEMAMIX})", True),
     "optim.AdEMAMix, eager": ("memopt_func", f"memopt_func.optim.AdEMAMix(params, {ADEMAMIX})", False),
@@ -60,7 +67,7 @@ gen = torch.Generator().manual_seed(0)
 params = [torch.nn.Parameter(torch.randn(size, generator=gen)) for _ in range(n)]
 weights = [torch.randn(size, generator=gen) for _ in range(n)]
 opt = {make}
-step = torch.compile(opt.step) if {compile_step} else opt.step
+step = torch.compile(opt.step{compile_kwargs}) if {compile_step} else opt.step
 
 def backward():
     opt.zero_grad({zero_grad})
@@ -93,7 +100,8 @@ def run_cell(name: str, n: int, size: int, steps: int) -> dict:
     except ImportError:
         return {"missing": f"{module} is not installed (pip install -e '.[bench]')"}
     code = CELL.format(
-        module=module, make=make, compile_step=compile_step, zero_grad="".join(zero_grad), n=n, size=size, steps=steps
+        module=module, make=make, compile_step=bool(compile_step), zero_grad="".join(zero_grad), n=n, size=size,
+        steps=steps, compile_kwargs=f", {compile_step}" if isinstance(compile_step, str) else "",
     )
     with tempfile.TemporaryDirectory() as cache:
         out = subprocess.run(

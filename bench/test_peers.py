@@ -30,3 +30,16 @@ def test_a_missing_package_is_reported_in_the_table_not_dropped(monkeypatch):
     assert "| absent peer | no_such_package_here is not installed (pip install -e '.[bench]') | - | - |" in text
     assert f"| {peers.BASELINE} | 2.00 (1.00) | 5.00 (1.00) | 1.0 |" in text
     assert "| older result | 3.00 (1.50) | - | 1.5 |" in text
+
+
+def test_a_cell_compiled_with_options_passes_them_to_torch_compile(monkeypatch):
+    """A row whose third entry is source for torch.compile's keyword arguments compiles with them
+    (here an option Inductor rejects, which the cell must report, proving it was passed)."""
+    monkeypatch.setitem(
+        peers.CANDIDATES, "bad options", ("torch", "torch.optim.SGD(params, lr=1e-3)", 'options={"no_such_option": 1}')
+    )
+    assert "no_such_option" in peers.run_cell("bad options", 2, 100, steps=2)["error"]
+    name = "torch.optim.AdamW, torch.compile(opt.step, options=cpu_codegen)"
+    assert peers.CANDIDATES[name][2] == peers.CODEGEN
+    cell = peers.run_cell(name, 2, 100, steps=2)
+    assert cell["ms"] > 0 and cell["iter_ms"] >= cell["ms"]

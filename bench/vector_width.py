@@ -1,6 +1,7 @@
-"""Compiled step time at Inductor's default vector width and at another one, on a CPU.
+"""Compiled step time at Inductor's default vector width and at another one, or with and without
+the C++ compiler's own loops in 512-bit vectors, on a CPU.
 
-    python bench/vector_width.py [--size 20x1000000] [--simdlen 256] [--stepper]
+    python bench/vector_width.py [--size 20x1000000] [--simdlen 256 | --plain-march] [--stepper]
 
 Each width runs in a fresh process with an empty Inductor cache. In that process every cell is
 built, warmed up (12 steps), then timed in five rounds of eight steps, the cells alternating; the
@@ -10,6 +11,10 @@ backward. Cells: the compiled drop-ins (AdEMAMix, Adam_CM, Adam_C, SGD_C with mo
 RMSprop_C), or with ``--stepper`` the ``compiled.Stepper`` over the bare rules (Adam, AdamW) and
 the critical ones with other aggregations, which locate where a step's time goes. The vector
 width only changes speed where Inductor compiles right (``bench/RESULTS.md``, "256-bit vectors").
+``--plain-march`` compares instead the steps compiled with ``memopt_func.compiled.cpu_codegen``'s
+options (the default: ``-march=native -mprefer-vector-width=512`` on an x86 CPU with 512-bit
+vectors) against the same steps in a process with ``TORCHINDUCTOR_CPP_MARCH=native`` (plain
+``-march=native``, which turns those options off); AdamW runs in both processes.
 """
 
 from __future__ import annotations
@@ -81,10 +86,13 @@ print(json.dumps({{name: statistics.median(r) for name, r in rounds.items()}}))
 """
 
 
-def run_width(simdlen: int | None, n: int, size: int, cells: dict[str, str], stepper: bool) -> dict[str, float]:
-    """Median ms per cell in a fresh process at the given ``cpp.simdlen`` (None: Inductor's default)."""
+def run_width(
+    simdlen: int | None, n: int, size: int, cells: dict[str, str], stepper: bool, env: dict[str, str] | None = None
+) -> dict[str, float]:
+    """Median ms per cell in a fresh process at the given ``cpp.simdlen`` (None: Inductor's default),
+    with ``env`` added to its environment."""
     code = CELL.format(simdlen=simdlen, n=n, size=size, cells=cells, stepper=stepper)
-    return run_json(code, empty_inductor_cache=True)
+    return run_json(code, env=env, empty_inductor_cache=True)
 
 
 def main(argv=None) -> int:
@@ -92,21 +100,29 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="20x1000000")
     ap.add_argument("--simdlen", type=int, default=256, help="the width to compare with the default")
     ap.add_argument("--stepper", action="store_true", help="time Steppers over bare rules instead of the drop-ins")
+    ap.add_argument(
+        "--plain-march", action="store_true", help="compare with TORCHINDUCTOR_CPP_MARCH=native instead of a simdlen"
+    )
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     n, size = (int(x) for x in args.size.split("x"))
     cells = {"AdamW": "AdamW", **(STEPPERS if args.stepper else DROP_INS)}
     default = run_width(None, n, size, cells, args.stepper)
-    other = run_width(args.simdlen, n, size, {k: v for k, v in cells.items() if k != "AdamW"}, args.stepper)
+    if args.plain_march:
+        label, key, shown = "TORCHINDUCTOR_CPP_MARCH=native", "plain_march", list(cells)
+        other = run_width(None, n, size, cells, args.stepper, env={"TORCHINDUCTOR_CPP_MARCH": "native"})
+    else:
+        label, key, shown = f"cpp.simdlen={args.simdlen}", f"simdlen_{args.simdlen}", [k for k in cells if k != "AdamW"]
+        other = run_width(args.simdlen, n, size, {k: v for k, v in cells.items() if k in shown}, args.stepper)
     base = default["AdamW"]
-    print(f"{args.size}, ms (x torch.compile(AdamW.step) at the default width, {base:.2f} ms)")
-    print("| width | " + " | ".join(k for k in cells if k != "AdamW") + " |")
-    print("|---|" + "---|" * (len(cells) - 1))
-    for label, row in (("default", default), (f"cpp.simdlen={args.simdlen}", other)):
-        print(f"| {label} | " + " | ".join(f"{row[k]:.2f} ({row[k] / base:.2f})" for k in cells if k != "AdamW") + " |")
+    print(f"{args.size}, ms (x torch.compile(AdamW.step) in the default process, {base:.2f} ms)")
+    print("| process | " + " | ".join(shown) + " |")
+    print("|---|" + "---|" * len(shown))
+    for name, row in (("default", default), (label, other)):
+        print(f"| {name} | " + " | ".join(f"{row[k]:.2f} ({row[k] / base:.2f})" for k in shown) + " |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"size": args.size, "default": default, f"simdlen_{args.simdlen}": other}, f, indent=1)
+            json.dump({"size": args.size, "default": default, key: other}, f, indent=1)
     return 0
 
 
