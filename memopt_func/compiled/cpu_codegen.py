@@ -28,7 +28,8 @@ def inductor_options(device: torch.device) -> dict[str, Any]:
     """The Inductor options (``torch.compile(options=...)``) for a step on ``device``:
     ``{"cpp.march": "native -mprefer-vector-width=512"}`` on a Linux x86-64 CPU whose Inductor
     vectors are 512 bits wide, compiled by g++ or clang, where the process has not chosen its own
-    ``cpp.march`` (``TORCHINDUCTOR_CPP_MARCH``) or ``cpp.simdlen``; otherwise nothing."""
+    ``cpp.march`` (``TORCHINDUCTOR_CPP_MARCH``) or ``cpp.simdlen``; otherwise nothing. Nothing
+    either where Inductor has no ``cpp.march`` (torch 2.11 has none; 2.13 has it)."""
     if device.type != "cpu" or sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return {}
     from torch._inductor import config

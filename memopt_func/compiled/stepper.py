@@ -214,11 +214,16 @@ class Stepper:
         # emulate_precision_casts: a value stored in a lower buffer_dtype must round exactly as in
         # eager, or buf_sum drifts from the sum of the stored slots.
         # cpu_codegen: the compiler's own loops (float32 <-> float64) in 512-bit vectors on such CPUs
-        inductor = {"emulate_precision_casts": True, **cpu_codegen.inductor_options(device)}
+        codegen = cpu_codegen.inductor_options(device) if self._compiled else {}
+        inductor = {"emulate_precision_casts": True, **codegen}
         options = {"fullgraph": True, "dynamic": False, **(compile_options or {})}
         # torch.compile takes a mode or options, not both: a mode given comes in as its options
         mode = options.pop("mode", None)
-        mode_options = torch._inductor.list_mode_options(mode) if mode is not None else {}
+        mode_options = {}
+        if mode is not None:
+            from torch._inductor import list_mode_options
+
+            mode_options = list_mode_options(mode)
         options["options"] = {**mode_options, **inductor, **options.get("options", {})}
         self._compile_options = options
         self._fn = torch.compile(_own_code(self._apply), **options) if self._compiled else self._apply
