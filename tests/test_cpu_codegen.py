@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 
 from memopt_func import rules
@@ -22,12 +21,7 @@ HAS_MARCH = hasattr(inductor_config.cpp, "march")
 EXPECTED = FLAG if HAS_MARCH else {}
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 
 @pytest.fixture
