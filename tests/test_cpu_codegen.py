@@ -103,6 +103,28 @@ def test_an_uncompiled_stepper_asks_for_no_options(monkeypatch):
     assert stepper._compile_options["options"] == {"emulate_precision_casts": True}
 
 
+def test_the_flag_reaches_the_compiler(monkeypatch, tmp_path):
+    """The option is not only passed: Inductor's C++ compile command of a stepper's kernel carries
+    ``-mprefer-vector-width=512`` (a fresh cache and one compile thread, so the compile runs here)."""
+    if not cpu_codegen.inductor_options(CPU):
+        pytest.skip("this CPU or compiler does not get the flag")
+    from torch._inductor import cpp_builder
+
+    commands = []
+    compile_now = cpp_builder.run_compile_cmd
+
+    def recorded(cmd_line, cwd):
+        commands.append(cmd_line)
+        return compile_now(cmd_line, cwd)
+
+    monkeypatch.setattr(cpp_builder, "run_compile_cmd", recorded)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    with inductor_config.patch({"fx_graph_cache": False, "compile_threads": 1}):
+        stepper = Stepper(rules.Adam_C(topC=2), [torch.randn(1237)])
+        stepper.step([torch.randn(1237)], lr=1e-3)
+    assert commands and all(cpu_codegen.PREFER_512 in c for c in commands)
+
+
 # lengths with whole 16-element vectors and tails, so the vector loops and the scalar tails run
 SHAPES = [(40, 33), (257,), (16,), (5,)]
 CASES = {

@@ -59,6 +59,7 @@ SUBSETS = {
         "tests/test_compile_recipe.py::test_recipe_refuses_a_structural_change_and_applies_a_neutral_one_like_eager",
         "tests/test_compile_recipe.py::test_recipe_compiles_no_worse_than_adamw_and_matches_eager",
     ],
+    "codegen": ["tests/test_cpu_codegen.py"],
     "stepper": [
         "tests/test_compiled_runs.py",
         "tests/test_compiled_buffers.py",
@@ -429,6 +430,14 @@ MUTANTS: list[Mutant] = [
         "equivalent: a cumsum over one element is the identity; only Inductor's fusion changes",
     ),
     # ------------------------------------------------------------------ compiled Stepper
+    Mutant(
+        "st-no-cpu-codegen", STEPPER,
+        '        inductor = {"emulate_precision_casts": True, **codegen}\n',
+        '        inductor = {"emulate_precision_casts": True}\n',
+        "steppers compile without cpu_codegen's options (the 512-bit compiler loops on AVX-512 CPUs)",
+        "gap: on such a CPU the flag must reach the C++ compiler (a speed fix that changes no number)",
+        tests="codegen",
+    ),
     Mutant(
         "st-no-segments", STEPPER,
         "donate=True, segments=self._segments, **hyper",
