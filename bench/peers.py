@@ -24,13 +24,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from cells import CellFailed, run_json  # noqa: E402
 
 ADEMAMIX = "lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, eps=1e-8"
 # name -> (module to import, how to build the optimizer from `params`, whether to compile opt.step
@@ -103,14 +102,10 @@ def run_cell(name: str, n: int, size: int, steps: int) -> dict:
         module=module, make=make, compile_step=bool(compile_step), zero_grad="".join(zero_grad), n=n, size=size,
         steps=steps, compile_kwargs=f", {compile_step}" if isinstance(compile_step, str) else "",
     )
-    with tempfile.TemporaryDirectory() as cache:
-        out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": ROOT, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": cache},
-        )
-    if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        return run_json(code, empty_inductor_cache=True)
+    except CellFailed as e:  # reported in the table, not raised: one broken peer keeps the others
+        return {"error": e.last_line()}
 
 
 def markdown(info: dict, table: dict, sizes: list[str]) -> str:
