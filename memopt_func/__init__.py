@@ -25,4 +25,4 @@ from .rules import RULES, Rule
 
 __all__ = ["optim", "rules", "RULES", "Rule", "Scratch", "MemoryOptimizer", "from_rule", "Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix"]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from . import critical_buffer as cb
-from .optim import _CLASS_KEY, MemoryOptimizer, explode
+from . import checkpoint
+from .optim import MemoryOptimizer, explode
 
 #: The per-parameter state entry of cmoptimizer that holds the critical buffer (a TensorList).
 BUFFER_ENTRY = "critical gradients"
@@ -126,8 +127,8 @@ def convert_published(state_dict: Mapping[str, Any], optimizer: MemoryOptimizer)
         raise TypeError(f"no published layout is known for {type(optimizer).__name__}")
     if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError("a published state_dict is a dict with 'state' and 'param_groups' (optimizer.state_dict())")
-    if _CLASS_KEY in state_dict:
-        theirs = state_dict[_CLASS_KEY].get("rule") if isinstance(state_dict[_CLASS_KEY], Mapping) else None
+    if checkpoint.KEY in state_dict:
+        theirs = state_dict[checkpoint.KEY].get("rule") if isinstance(state_dict[checkpoint.KEY], Mapping) else None
         raise ValueError(
             f"this state_dict was saved by memopt_func's {theirs}, not by the published package; "
             "load it with optimizer.load_state_dict"
@@ -145,7 +146,7 @@ def convert_published(state_dict: Mapping[str, Any], optimizer: MemoryOptimizer)
         group, entries = _convert_group(index, theirs, ours["params"], saved, layout, optimizer)
         out_groups.append(group)
         out_state.update(entries)
-    return {"state": out_state, "param_groups": out_groups, _CLASS_KEY: {"rule": name}}
+    return {"state": out_state, "param_groups": out_groups, checkpoint.KEY: checkpoint.header(name)}
 
 
 def _convert_group(index, theirs, params, saved, layout, optimizer):

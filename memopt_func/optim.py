@@ -19,7 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from . import _tree, sharding
+from . import _tree, checkpoint, sharding
 from ._rule import Rule
 from ._scratch import Scratch
 from .storage import Quantized
@@ -441,26 +441,16 @@ class MemoryOptimizer(torch.optim.Optimizer):
         self.__dict__.pop("_flat_steps", None)  # a later step under torch.compile adopts the loaded state
 
     def _load(self, state_dict: dict[str, Any]) -> None:
+        """Read a state_dict of any format this project wrote (``memopt_func.checkpoint``)."""
+        name = type(self).__name__
+        checkpoint.check_readable(state_dict, name, self.RULE.__name__)
         saved = state_dict["state"]
         names = [h.name for h in self.RULE.HYPERS]
-        theirs = state_dict.get(_CLASS_KEY, {}).get("rule")
-        if theirs is not None and theirs != self.RULE.__name__:
-            raise ValueError(
-                f"this state_dict was saved by a {theirs} optimizer; it cannot be loaded into {type(self).__name__} "
-                f"(the two keep different state under the same names)"
-            )
         groups = []
         for i, group in enumerate(state_dict["param_groups"]):
-            # hyperparameters that older state_dicts lack start at this optimizer's defaults
-            group = {**{n: self.defaults[n] for n in _HYPERS_ADDED_LATER if n in names and n not in group}, **group}
-            groups.append(group)
-            missing = [n for n in names if n not in group]
-            if missing:
-                raise ValueError(
-                    f"param group {i} of this state_dict lacks {missing}: it is not a {type(self).__name__} state_dict"
-                )
+            group = checkpoint.upgrade_group(group, i, names, self.defaults, name)
             self.RULE(**{n: _layout_value(group[n]) for n in names})
-        groups = [{"differentiable": self.defaults["differentiable"], **g} for g in groups]
+            groups.append({"differentiable": self.defaults["differentiable"], **group})
         super().load_state_dict({"state": {}, "param_groups": groups})
         self._stats_offset = {}
         self._laid_out = {}
@@ -473,10 +463,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 pid = ids.pop(0)
                 if pid not in saved:
                     continue
-                entry = dict(saved[pid])
-                for k in _ADDED_LATER:
-                    if k in want and k not in entry:
-                        entry[k] = torch.zeros_like(want[k], device=p.device)
+                entry = checkpoint.upgrade_entry(saved[pid], want, lambda t, p=p: torch.zeros_like(t, device=p.device))
                 missing = sorted(set(want) - set(entry))
                 if missing:
                     raise ValueError(f"state_dict entry for parameter {pid} lacks {missing}")
@@ -498,9 +485,10 @@ class MemoryOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__}: the loaded state does not fit its param group: {e}") from None
 
     def state_dict(self) -> dict[str, Any]:
-        """As torch.optim, plus the rule's name, so that a load into another class is refused."""
+        """As torch.optim, plus the rule's name (a load into another class is refused) and the
+        format (``memopt_func.checkpoint``: every later version loads it)."""
         out = super().state_dict()
-        out[_CLASS_KEY] = {"rule": self.RULE.__name__}
+        out[checkpoint.KEY] = checkpoint.header(self.RULE.__name__)
         return out
 
     def _admission_counts(self, group: dict[str, Any]) -> dict[str, int]:
@@ -557,13 +545,6 @@ def _is_python_zero(value: Any) -> Any:
     # decided (a guard) before it goes into a key that is compared and hashed
     return not isinstance(value, Tensor) and bool(value == 0)
 
-
-# The state_dict entry naming the rule that saved it.
-_CLASS_KEY = "memopt_func"
-# State entries that older state_dicts lack; a load starts them at zero.
-_ADDED_LATER = ("critical_nonfinite",)
-# Hyperparameters that older state_dicts lack; a load takes the optimizer's defaults for them.
-_HYPERS_ADDED_LATER = ("state_dtype", "rounding", "param_rounding", "seed")
 
 
 def _real(params: list[Tensor]) -> list[Tensor]:

@@ -52,7 +52,21 @@ MOMENTS = {
     "max_exp_avg_sq": "square",
     "square_avg": "square",
 }
-_FIELD_ID = {name: i for i, name in enumerate((*MOMENTS, "buf", "params"))}
+#: Each stored field's random stream id (SPEC.md, "Random streams"): a constant written here, never
+#: a position in a list, so that a new field moves no existing stream and a resume across versions
+#: draws the same bits. Below 64 (``_stream`` packs it beside the tensor's position); a new field
+#: takes the next unused number, and a retired one's number is never reused.
+STREAM_ID = {
+    "exp_avg": 0,
+    "exp_avg_slow": 1,
+    "momentum_buffer": 2,
+    "grad_avg": 3,
+    "exp_avg_sq": 4,
+    "max_exp_avg_sq": 5,
+    "square_avg": 6,
+    "buf": 7,
+    "params": 8,
+}
 
 #: Tensors smaller than this stay at full precision under 8-bit storage.
 MIN_QUANTIZED = 4096
@@ -96,7 +110,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _stream(step: Tensor, field: str, position: int) -> Tensor:
-    return (step.to(torch.int64) * 0x9E3779B1 + (position * 64 + _FIELD_ID[field]) * 0x85EBCA77) & 0xFFFFFFFF
+    return (step.to(torch.int64) * 0x9E3779B1 + (position * 64 + STREAM_ID[field]) * 0x85EBCA77) & 0xFFFFFFFF
 
 
 def _draw(x: Tensor, salt: Tensor | int, stream: Tensor) -> Tensor:
@@ -602,4 +616,4 @@ def storage_of(rule: Any) -> Storage:
     )
 
 
-__all__ = ["Quantized", "Storage", "quantize", "dequantize", "round_float", "MOMENTS", "BLOCK", "POWER"]
+__all__ = ["Quantized", "Storage", "quantize", "dequantize", "round_float", "MOMENTS", "STREAM_ID", "BLOCK", "POWER"]

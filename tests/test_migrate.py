@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import memopt_func
+from memopt_func import checkpoint
 from helpers import batches, mlp
 from memopt_func.migrate import (
     BUFFER_ENTRY,
@@ -169,7 +170,7 @@ def test_param_groups_keep_the_published_values_and_take_ours_for_the_rest():
         [{"params": list(model.parameters())[:2]}, {"params": list(model.parameters())[2:]}], topC=7, seed=5, maximize=False
     )
     converted = convert_published(sd, ours)
-    assert converted["memopt_func"] == {"rule": "SGD_C"}
+    assert converted["memopt_func"] == {"rule": "SGD_C", "format": checkpoint.FORMAT}
     load_published(ours, sd)
     g0, g1 = ours.param_groups
     assert (g0["lr"], g0["name"], g1["lr"]) == (0.05, "first", 1e-2)
