@@ -36,7 +36,8 @@ LARGE = [(4133,), (6, 5), (7,)]  # 4133: 8-bit state (>= 4096 elements) over a p
 
 # name: (class, constructor kwargs, shapes, how it steps, needs): ``compiled`` steps through the
 # compiled drop-in; ``groups`` splits the parameters into two param groups (the second with lr/2);
-# ``needs`` are hyperparameters a version must have for the case to exist there.
+# ``stepper`` steps a ``Stepper`` over the rule; ``needs`` are what a version must have for the
+# case to exist there (hyperparameters, ``migrate``, ``Stepper.state_dict``).
 CASES = {
     "adam_cm": ("Adam_CM", dict(lr=1e-2), SMALL, "eager", ()),
     "adam_cm-amsgrad-wd-unsynced": ("Adam_CM", dict(lr=1e-2, amsgrad=True, weight_decay=0.1, synced=False, topC=3), SMALL, "eager", ()),
@@ -58,6 +59,10 @@ CASES = {
         "Adam_CM", dict(lr=1e-2, topC=3, state_dtype=torch.int8, buffer_dtype=torch.int8), LARGE, "eager", ("state_dtype",),
     ),
     "migrated-adam_c": ("Adam_C", dict(lr=1e-2, topC=3, weight_decay=0.01), SMALL, "migrated", ("migrate",)),
+    "stepper-adam_c": ("Adam_C", dict(lr=1e-2, topC=3), SMALL, "stepper", ("Stepper.state_dict",)),
+    "stepper-ademamix-bf16-state": (
+        "AdEMAMix", dict(lr=1e-2, state_dtype=torch.bfloat16, seed=3), SMALL, "stepper", ("Stepper.state_dict",),
+    ),
 }
 
 
@@ -84,8 +89,9 @@ def gradient(step: int, index: int, shape, skips: bool = True) -> torch.Tensor |
 def skipping(how: str) -> bool:
     """Whether a case's gradient stream skips tensors: not for compiled drop-ins, whose flat
     steppers took a gradient for every tensor before 2026-11-30, nor for a published run (its
-    synced buffer is per tensor, and the rows of tensors that missed steps no longer agree)."""
-    return how not in ("compiled", "migrated")
+    synced buffer is per tensor, and the rows of tensors that missed steps no longer agree), nor
+    for a ``Stepper`` (a flat one steps every tensor)."""
+    return how not in ("compiled", "migrated", "stepper")
 
 
 def run(opt, params, steps: range, skips: bool = True) -> None:
@@ -95,6 +101,26 @@ def run(opt, params, steps: range, skips: bool = True) -> None:
             g = gradient(k, i, p.shape, skips)
             p.grad = None if g is None else g.to(p.dtype)
         opt.step()
+
+
+class SteppingLoop:
+    """A ``Stepper`` with the optimizer's ``step()`` and ``state_dict()`` (what ``run`` calls)."""
+
+    def __init__(self, stepper):
+        self.stepper = stepper
+
+    def step(self):
+        self.stepper.step()
+
+    def state_dict(self):
+        return self.stepper.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.stepper.load_state_dict(state_dict)
+
+
+def make_stepper(rules, compiled, name, params, kwargs, compile=True):
+    return SteppingLoop(compiled.Stepper(getattr(rules, name)(**kwargs), params, compile=compile))
 
 
 def make_optimizer(cls, params, kwargs, how):
@@ -138,7 +164,9 @@ def write_case(name: str, label: str, out: str) -> str | None:
         migrate = _own_module("memopt_func.migrate", optim)
         if migrate is None:
             return None
-    if any(n not in hypers for n in needs if n != "migrate") or any(k not in hypers for k in kwargs):
+    if "Stepper.state_dict" in needs and not hasattr(compiled.Stepper, "state_dict"):
+        return None
+    if any(n not in hypers for n in needs if "." not in n and n != "migrate") or any(k not in hypers for k in kwargs):
         return None
     params = [torch.nn.Parameter(p) for p in initial_params(shapes)]
     skips = skipping(how)
@@ -153,7 +181,10 @@ def write_case(name: str, label: str, out: str) -> str | None:
         run(opt, params, range(BEFORE, BEFORE + 1), skips)
         before = BEFORE + 1
     else:
-        opt = make_optimizer(cls, params, kwargs, how)
+        if how == "stepper":
+            opt = make_stepper(_own_module("memopt_func.rules", optim), compiled, cls_name, params, kwargs)
+        else:
+            opt = make_optimizer(cls, params, kwargs, how)
         run(opt, params, range(BEFORE), skips)
         before = BEFORE
     saved = copy.deepcopy(opt.state_dict())

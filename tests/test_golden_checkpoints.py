@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import memopt_func.compiled as compiled
-from memopt_func import optim
+from memopt_func import optim, rules
 from memopt_func.checkpoint import FORMAT
-from golden_corpus import CASES, GOLDEN, initial_params, make_optimizer, run, skipping
+from golden_corpus import CASES, GOLDEN, SteppingLoop, initial_params, make_optimizer, make_stepper, run, skipping
 
 FILES = sorted(glob.glob(os.path.join(GOLDEN, "*", "*.pt")))
 IDS = [os.path.relpath(f, GOLDEN).removesuffix(".pt") for f in FILES]
@@ -25,6 +25,11 @@ def _load(path):
 def _resume(case, cls):
     params = [torch.nn.Parameter(p.clone()) for p in case["params_at_save"]]
     how = case["how"]
+    if how == "stepper":
+        opt = make_stepper(rules, compiled, case["class"], params, case["kwargs"])
+        opt.load_state_dict(case["state_dict"])
+        run(opt, params, range(case["before"], case["before"] + case["after"]), skipping(how))
+        return params, opt
     # the constructor's values are today's defaults where the saved groups say nothing: a load
     # must put the saved values back (lr, topC, ...), not keep these
     opt = make_optimizer(cls, params, {"lr": 0.5}, "groups" if how == "groups" else "eager")
@@ -57,7 +62,7 @@ def test_an_earlier_checkpoint_resumes_as_its_own_version_went_on(path):
     _assert_continues(case, params)
     again = opt.state_dict()
     assert again["memopt_func"]["format"] == FORMAT
-    for group, saved in zip(again["param_groups"], case["state_dict"]["param_groups"]):
+    for group, saved in zip(again.get("param_groups", []), case["state_dict"].get("param_groups", [])):
         assert all(group[k] == v for k, v in saved.items() if k != "params"), "a saved hyperparameter was not put back"
 
 
@@ -164,3 +169,88 @@ def test_torch_optims_adam_state_dict_is_refused():
     adam.step()
     with pytest.raises(ValueError, match="it is not a Adam_C state_dict"):
         optim.Adam_C(params).load_state_dict(adam.state_dict())
+
+
+def _keys(state_dict):
+    groups = [sorted(k for k in g if k != "params") for g in state_dict.get("param_groups", [])]
+    return groups, {pid: sorted(e) for pid, e in state_dict["state"].items()}
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if CASES[n][3] in ("eager", "groups", "stepper")])
+def test_todays_state_dict_has_the_newest_corpus_keys(name):
+    """A state_dict that gains or loses a key is a new format: bump ``checkpoint.FORMAT``, say what
+    a load fills in, and write a new corpus folder (this test then compares with that one)."""
+    newest = sorted({os.path.basename(os.path.dirname(f)) for f in FILES})[-1]
+    case = _load(os.path.join(GOLDEN, newest, f"{name}.pt"))
+    cls_name, kwargs, shapes, how, _ = CASES[name]
+    params = [torch.nn.Parameter(p) for p in initial_params(shapes)]
+    if how == "stepper":
+        opt = make_stepper(rules, compiled, cls_name, params, dict(kwargs))
+    else:
+        opt = make_optimizer(getattr(optim, cls_name), params, dict(kwargs), how)
+    run(opt, params, range(case["before"]), skipping(how))
+    assert _keys(opt.state_dict()) == _keys(case["state_dict"])
+
+
+def _stepper(flat=None, **kw):
+    params = [torch.nn.Parameter(p) for p in initial_params([(3, 2), (4,)])]
+    return params, compiled.Stepper(rules.Adam_C(lr=1e-2, topC=2, **kw), params, compile=False, flat=flat)
+
+
+def _stepped(flat=None, steps=3):
+    params, st = _stepper(flat)
+    run(SteppingLoop(st), params, range(steps), skips=not st.flat)
+    return params, st
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_a_stepper_state_dict_round_trips_in_place(flat):
+    _, a = _stepped(flat)
+    params, b = _stepper(flat)
+    live = [t.data_ptr() for t in torch.utils._pytree.tree_leaves(b.state)]
+    b.load_state_dict(a.state_dict())
+    assert [t.data_ptr() for t in torch.utils._pytree.tree_leaves(b.state)] == live  # written in place
+    for (i, x), (j, y) in zip(a.state_dict()["state"].items(), b.state_dict()["state"].items()):
+        assert i == j and x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _unchanged(st):
+    before = st.state_dict()
+    return lambda: all(torch.equal(v, st.state_dict()["state"][i][k]) for i, e in before["state"].items() for k, v in e.items())
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda sd: sd["memopt_func"].update(format=FORMAT + 1), "newer memopt-func"),
+        (lambda sd: sd["memopt_func"].update(rule="AdEMAMix"), "saved by a AdEMAMix optimizer; it cannot be loaded into this Stepper"),
+        (lambda sd: sd["state"].pop(1), r"no entry for stepped tensor 1 \(stepped: \[0, 1\]\)"),
+        (lambda sd: sd["state"][1].pop("exp_avg"), "the state_dict entry of tensor 1 has"),
+        (lambda sd: sd["state"][1].update(exp_avg=torch.zeros(5)), r"'exp_avg' of tensor 1 is \(5,\), this stepper keeps \(4,\)"),
+        (lambda sd: sd.pop("state"), "a dict with a 'state' dict"),
+    ],
+)
+def test_a_stepper_refuses_a_state_dict_that_does_not_fit_and_changes_nothing(edit, match):
+    _, a = _stepped()
+    sd = a.state_dict()
+    edit(sd)
+    _, b = _stepped(steps=2)
+    same = _unchanged(b)
+    with pytest.raises(ValueError, match=match):
+        b.load_state_dict(sd)
+    assert same()
+
+
+def test_a_flat_stepper_refuses_tensors_that_took_different_numbers_of_steps():
+    params, per_tensor = _stepper(flat=False)
+    for k in range(3):  # the second tensor misses a step
+        for i, p in enumerate(params):
+            p.grad = None if (i == 1 and k == 1) else torch.ones_like(p)
+        per_tensor.step()
+    _, flat = _stepper(flat=True)
+    same = _unchanged(flat)
+    with pytest.raises(ValueError, match="different numbers of steps.*flat=False"):
+        flat.load_state_dict(per_tensor.state_dict())
+    assert same()
+    _, other = _stepper(flat=False)
+    other.load_state_dict(per_tensor.state_dict())

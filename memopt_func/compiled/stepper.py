@@ -19,8 +19,9 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from memopt_func import _tree, sharding
+from memopt_func import _tree, checkpoint, sharding
 from memopt_func import critical_buffer as cb
+from memopt_func.optim import explode
 from memopt_func._rule import Rule
 
 from . import cpu_codegen
@@ -253,6 +254,55 @@ class Stepper:
         if self.flat:
             return per_tensor_views(self.state, self.layout)
         return self.state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state as a drop-in's ``state_dict`` holds it (plain tensors, copied): under
+        ``"state"``, per stepped tensor (keyed by its position among the flattened params, as in
+        ``stepped``) the rule's fields by name; and the rule's name with the format
+        (``memopt_func.checkpoint``), so that later versions load it."""
+        synced = bool(self.rule.hyper.get("synced", False))
+        entries = explode(self.per_tensor_state(), len(self._leaves), synced)
+        state = {i: {k: v.detach().clone() for k, v in e.items()} for i, e in zip(self._active, entries)}
+        return {"state": state, checkpoint.KEY: checkpoint.header(type(self.rule).__name__)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Copy a ``state_dict()`` of a stepper of the same rule over the same tensors into this
+        stepper's live state (in place: the compiled step and a captured CUDA graph stay valid).
+        Entries that later formats added start at zero. Everything is checked first: a
+        ValueError, naming what does not fit, leaves the state as it was."""
+        rule_name = type(self.rule).__name__
+        checkpoint.check_readable(state_dict, "this Stepper", rule_name)
+        saved = state_dict.get("state") if isinstance(state_dict, dict) else None
+        if not isinstance(saved, dict):
+            raise ValueError("a Stepper state_dict is a dict with a 'state' dict (Stepper.state_dict())")
+        synced = bool(self.rule.hyper.get("synced", False))
+        pairs = []
+        for i, want in zip(self._active, explode(self.per_tensor_state(), len(self._leaves), synced)):
+            if i not in saved:
+                raise ValueError(f"the state_dict has no entry for stepped tensor {i} (stepped: {self.stepped})")
+            entry = checkpoint.upgrade_entry(saved[i], want, torch.zeros_like)
+            if set(entry) != set(want):
+                raise ValueError(
+                    f"the state_dict entry of tensor {i} has {sorted(entry)}, this {rule_name} stepper keeps {sorted(want)}"
+                )
+            for key, dst in want.items():
+                src = entry[key]
+                if not isinstance(src, Tensor) or src.shape != dst.shape:
+                    got = tuple(src.shape) if isinstance(src, Tensor) else type(src).__name__
+                    raise ValueError(f"the state_dict entry {key!r} of tensor {i} is {got}, this stepper keeps {tuple(dst.shape)}")
+                pairs.append((dst, src))
+        if self.flat:
+            steps = [entry["step"] for entry in (saved[i] for i in self._active)]
+            for g in range(self.layout.num_groups):
+                members = [steps[s.index] for s in self.layout.members(g)]
+                if any(not torch.equal(m.cpu(), members[0].cpu()) for m in members):
+                    raise ValueError(
+                        "the state_dict's tensors have taken different numbers of steps, which this flat stepper "
+                        "cannot hold (one counter per flat buffer); load it into a Stepper made with flat=False"
+                    )
+        for dst, src in pairs:
+            dst.copy_(src)
 
     def set_hyper(self, **per_step: Any) -> None:
         """Set per-step hyperparameters (floats or 0-d tensors) for the following steps."""
