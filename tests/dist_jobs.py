@@ -136,6 +136,7 @@ def skew(name: str, wrong: str | None = None, steps: int = 25) -> dict[str, Any]
     """Explicit gradients with a per-rank skew; ``wrong`` swaps in a wrong norm combination
     ("local": each rank's own shard norm; "sum_of_shard_norms": sum over ranks of shard norms)."""
     hyper = dict(lr=1e-2, topC=3, decay=0.97)
+    kept = sharding.NormReducer.full_norms
     if wrong is not None:
         def combine(self, local_norms):
             if wrong == "local":
@@ -145,19 +146,22 @@ def skew(name: str, wrong: str | None = None, steps: int = 25) -> dict[str, Any]
             return out
 
         sharding.NormReducer.full_norms = combine
-    ref = mlp()
-    model = wrap(mlp(), "fsdp")
-    shapes = [q.shape for q in ref.parameters()]
-    ref_opt = make_optimizer(ref.parameters(), name, hyper)
-    opt = make_optimizer(model.parameters(), name, hyper)
-    params = list(model.parameters())
-    for k in range(steps):
-        for q, g in zip(ref.parameters(), _skewed_grads(k, [None] * len(shapes), shapes)):
-            q.grad = g
-        for p, g in zip(params, _skewed_grads(k, params, shapes)):
-            p.grad = g
-        ref_opt.step()
-        opt.step()
+    try:  # the pool's workers run later jobs too: the wrong combination must not outlive this one
+        ref = mlp()
+        model = wrap(mlp(), "fsdp")
+        shapes = [q.shape for q in ref.parameters()]
+        ref_opt = make_optimizer(ref.parameters(), name, hyper)
+        opt = make_optimizer(model.parameters(), name, hyper)
+        params = list(model.parameters())
+        for k in range(steps):
+            for q, g in zip(ref.parameters(), _skewed_grads(k, [None] * len(shapes), shapes)):
+                q.grad = g
+            for p, g in zip(params, _skewed_grads(k, params, shapes)):
+                p.grad = g
+            ref_opt.step()
+            opt.step()
+    finally:
+        sharding.NormReducer.full_norms = kept
     err = max(((full(p.detach()) - q.detach()).abs().max() / q.detach().abs().max()).item() for p, q in zip(params, ref.parameters()))
     keys = opt.state[params[0]]["critical_keys"].tolist()
     ref_stats = ref_opt.get_offline_stats()

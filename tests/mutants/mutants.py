@@ -26,6 +26,11 @@ CB = "memopt_func/critical_buffer.py"
 CRIT = "memopt_func/_critical.py"
 MATH = "memopt_func/_math.py"
 STEPPER = "memopt_func/compiled/stepper.py"
+STORAGE = "memopt_func/storage.py"
+SHARDING = "memopt_func/sharding.py"
+MIGRATE = "memopt_func/migrate.py"
+CHECKPOINT = "memopt_func/checkpoint.py"
+OPTIM = "memopt_func/optim.py"
 
 # Fast test subsets, most discriminating files first (a run stops at the first failure). "core"
 # is eager only (the flat Stepper uncompiled, which takes the donated in-place path): a mutant
@@ -60,6 +65,24 @@ SUBSETS = {
         "tests/test_compile_recipe.py::test_recipe_compiles_no_worse_than_adamw_and_matches_eager",
     ],
     "codegen": ["tests/test_cpu_codegen.py"],
+    # state_dicts, random streams and storage: the golden checkpoints first (seconds), then the
+    # storage tests (a minute and a half)
+    "checkpoint": [
+        "tests/test_random_streams.py",
+        "tests/test_golden_checkpoints.py",
+        "properties/test_prop_checkpoints.py",
+        "tests/test_dropin_state.py",
+        "tests/test_storage.py",
+        "properties/test_prop_storage.py",
+    ],
+    "migrate": ["tests/test_migrate.py", "tests/test_golden_checkpoints.py"],
+    # two gloo processes: sharded priorities against one process, and skews that catch a wrong
+    # combination of the shards' norms
+    "sharding": [
+        "tests/test_distributed.py::test_skew_catches_wrong_norm_combinations",
+        "tests/test_distributed.py::test_skewed_shards_take_the_full_norm",
+        "tests/test_distributed.py::test_matches_one_process",
+    ],
     "stepper": [
         "tests/test_compiled_runs.py",
         "tests/test_compiled_buffers.py",
@@ -606,5 +629,186 @@ MUTANTS: list[Mutant] = [
         "after its first steps a drop-in never checks its state again, whatever is put into it",
         "gap: a state tensor replaced by hand (or a reshaped parameter) is checked and refused",
         tests="chunked",
+    ),
+    # ------------------------------------------------------------------ storage: random streams
+    Mutant(
+        "st-stream-field-shared", STORAGE,
+        '    "buf": 7,',
+        '    "buf": 0,',
+        "the critical slots draw exp_avg's stream (a field id that is a position would move like this)",
+        "gap: every field has a stream of its own, pinned",
+        tests="checkpoint",
+    ),
+    Mutant(
+        "st-stream-renumbered", STORAGE,
+        '    "exp_avg_sq": 4,',
+        '    "exp_avg_sq": 9,',
+        "a moment's stream id moves (as a new field inserted before it in a list would move it)",
+        "gap: a resume across versions draws the same bits; the pinned draws change",
+        tests="checkpoint",
+    ),
+    Mutant(
+        "st-stream-no-step", STORAGE,
+        "return (step.to(torch.int64) * 0x9E3779B1 + (position * 64",
+        "return (step.to(torch.int64) * 0 + (position * 64",
+        "every step draws the same bits",
+        "gap: two steps never share a stream",
+        tests="checkpoint",
+    ),
+    Mutant(
+        "st-stream-no-position", STORAGE,
+        "(position * 64 + STREAM_ID[field])",
+        "(0 * 64 + STREAM_ID[field])",
+        "every tensor of a step draws the same bits",
+        "gap: two tensors never share a stream",
+        tests="checkpoint",
+    ),
+    # ------------------------------------------------------------------ storage: rounding and codes
+    Mutant(
+        "st-round-half-range", STORAGE,
+        "    r = (u * float(2**k)).to(torch.int32)",
+        "    r = (u * float(2 ** (k - 1))).to(torch.int32)",
+        "stochastic rounding to bf16/fp16 adds half the random range (biased towards zero)",
+        "gap: stochastic rounding is unbiased within a binade",
+        tests="checkpoint",
+    ),
+    Mutant(
+        "st-round-float32-bits", STORAGE,
+        "        r = (u * 2.0**29).to(torch.int64)",
+        "        r = (u * 2.0**28).to(torch.int64)",
+        "stochastic rounding from float64 to float32 adds half the random range",
+        "gap: stochastic rounding is unbiased within a binade",
+        tests="checkpoint",
+    ),
+    Mutant(
+        "st-code-square-power", STORAGE,
+        'POWER = {"signed": 2.0, "square": 4.0}',
+        'POWER = {"signed": 2.0, "square": 2.0}',
+        "second moments decoded with the signed code's power",
+        "gap: 8-bit checkpoints decode to the values they encoded (golden int8 resume)",
+        tests="checkpoint",
+    ),
+    Mutant(
+        "st-code-nearest", STORAGE,
+        "        up = p > 0.5",
+        "        up = p > 0.75",
+        "to-nearest 8-bit codes round down up to three quarters of the way",
+        "gap: a value to nearest takes the nearer of its two bracketing codes",
+        tests="checkpoint",
+    ),
+    Mutant(
+        "st-code-signed-absmax", STORAGE,
+        "    absmax = xb.abs().amax(dim=-1)",
+        "    absmax = xb.amax(dim=-1)",
+        "a block's scale is its largest value, not its largest magnitude",
+        "gap: every stored value is one of the two codes that bracket it",
+        tests="checkpoint",
+    ),
+    Mutant(
+        "st-code-zero-guard", STORAGE,
+        "        q = torch.where(xb > 0, q.clamp(min=1), q)",
+        "        q = torch.where(xb > 0, q, q)",
+        "a tiny non-zero second moment may be stored as 0",
+        "gap: a non-zero second moment never becomes 0 (its step would divide by eps)",
+        tests="checkpoint",
+    ),
+    # ------------------------------------------------------------------ sharding
+    Mutant(
+        "sh-norms-not-squared", SHARDING,
+        "            part = part * part",
+        "            part = part.abs()",
+        "shards' norms are added, not their squares",
+        "gap: a tensor's priority is sqrt(sum over shards of the local sum of squares)",
+        tests="sharding",
+    ),
+    Mutant(
+        "sh-max-not-sum", SHARDING,
+        "dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)",
+        "dist.all_reduce(part, op=dist.ReduceOp.MAX, group=group)",
+        "the largest shard's sum of squares stands for the tensor's",
+        "gap: every shard counts in the full norm",
+        tests="sharding",
+    ),
+    Mutant(
+        "sh-replicated-reduced", SHARDING,
+        "            if not dims:\n                continue",
+        "            if not dims:\n                dims = (0,)",
+        "a replicated DTensor's norm is all-reduced as if sharded (counted once per rank)",
+        "gap: replicated placements need no collective",
+        tests="sharding",
+    ),
+    # ------------------------------------------------------------------ migrate
+    Mutant(
+        "mig-sgd-step-zero", MIGRATE,
+        "            count = float(slots[j][1]) if j in slots else 1.0",
+        "            count = 0.0",
+        "SGD_C's step, which the published SGD_C does not keep, starts at 0 (a first step: momentum restarts)",
+        "gap: a parameter with saved state has stepped",
+        tests="migrate",
+    ),
+    Mutant(
+        "mig-buf-sum-all-slots", MIGRATE,
+        "cb.slot_sum(buf, torch.tensor(count, device=buf.device), top_c, torch.float64)",
+        "cb.slot_sum(buf, torch.tensor(top_c, device=buf.device), top_c, torch.float64)",
+        "buf_sum counts every slot, filled or not",
+        "gap: unfilled slots are never read",
+        tests="migrate",
+    ),
+    # ------------------------------------------------------------------ state_dict load path
+    Mutant(
+        "ck-maximize-required", CHECKPOINT,
+        '    1: ("maximize", "foreach", "state_dtype", "rounding", "param_rounding", "seed"),',
+        '    1: ("foreach", "state_dtype", "rounding", "param_rounding", "seed"),',
+        "a group without maximize (format 0, or PyTorch's older-state_dict test) is refused",
+        "gap: the format-0 corpus and torch's test load",
+        tests="checkpoint",
+    ),
+    Mutant(
+        "ck-nonfinite-not-filled", CHECKPOINT,
+        '    1: ("critical_nonfinite",),',
+        "    1: (),",
+        "a format-0 entry without critical_nonfinite is refused",
+        "gap: entries a later format added start at zero",
+        tests="checkpoint",
+    ),
+    Mutant(
+        "ck-defaults-win", CHECKPOINT,
+        "    out = {**{n: defaults[n] for n in names if n in _OPTIONAL_GROUP_KEYS and n not in group}, **group}",
+        "    out = {**group, **{n: defaults[n] for n in names if n in _OPTIONAL_GROUP_KEYS}}",
+        "the optimizer's defaults replace the saved values of the later-added hyperparameters (seed, ...)",
+        "gap: a load puts the saved hyperparameters back",
+        tests="checkpoint",
+    ),
+    Mutant(
+        "ck-newer-format-read", CHECKPOINT,
+        "    if fmt > FORMAT:",
+        "    if fmt > FORMAT + 1:",
+        "a state_dict of the next format is read as if it were this one",
+        "gap: a newer format is refused, naming both",
+        tests="checkpoint",
+    ),
+    Mutant(
+        "ck-other-rule-loads", CHECKPOINT,
+        "    if theirs is not None and theirs != rule_name:",
+        "    if theirs is not None and theirs != rule_name and False:",
+        "another rule's state_dict (same entry names) loads",
+        "gap: another optimizer's state is refused, naming both",
+        tests="checkpoint",
+    ),
+    Mutant(
+        "opt-load-keeps-saved-dtype", OPTIM,
+        "                self.state[p] = {k: _entry(v, want.get(k), p.device) for k, v in entry.items()}",
+        "                self.state[p] = {k: _entry(v, None, p.device) for k, v in entry.items()}",
+        "loaded entries keep the saved dtype and device (a float64 checkpoint into float32 parameters)",
+        "gap: each entry takes the dtype a fresh state has",
+        tests="checkpoint",
+    ),
+    Mutant(
+        "stepper-load-skips-first", STEPPER,
+        "        for dst, src in pairs:\n            dst.copy_(src)",
+        "        for dst, src in pairs[1:]:\n            dst.copy_(src)",
+        "a Stepper's load leaves its first entry as it was",
+        "gap: every entry is loaded",
+        tests="checkpoint",
     ),
 ]
