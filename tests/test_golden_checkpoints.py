@@ -227,7 +227,8 @@ def _unchanged(st):
         (lambda sd: sd["state"].pop(1), r"no entry for stepped tensor 1 \(stepped: \[0, 1\]\)"),
         (lambda sd: sd["state"][1].pop("exp_avg"), "the state_dict entry of tensor 1 has"),
         (lambda sd: sd["state"][1].update(exp_avg=torch.zeros(5)), r"'exp_avg' of tensor 1 is \(5,\), this stepper keeps \(4,\)"),
-        (lambda sd: sd.pop("state"), "a dict with a 'state' dict"),
+        (lambda sd: sd.pop("state"), "a dict with a 'state' dict of dicts"),
+        (lambda sd: sd["state"].update({1: torch.zeros(3)}), "a dict with a 'state' dict of dicts"),
     ],
 )
 def test_a_stepper_refuses_a_state_dict_that_does_not_fit_and_changes_nothing(edit, match):

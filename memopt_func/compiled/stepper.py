@@ -272,10 +272,10 @@ class Stepper:
         Entries that later formats added start at zero. Everything is checked first: a
         ValueError, naming what does not fit, leaves the state as it was."""
         rule_name = type(self.rule).__name__
-        checkpoint.check_readable(state_dict, "this Stepper", rule_name)
         saved = state_dict.get("state") if isinstance(state_dict, dict) else None
-        if not isinstance(saved, dict):
-            raise ValueError("a Stepper state_dict is a dict with a 'state' dict (Stepper.state_dict())")
+        if not isinstance(saved, dict) or not all(isinstance(e, dict) for e in saved.values()):
+            raise ValueError("a Stepper state_dict is a dict with a 'state' dict of dicts (Stepper.state_dict())")
+        checkpoint.check_readable(state_dict, "this Stepper", rule_name)
         synced = bool(self.rule.hyper.get("synced", False))
         pairs = []
         for i, want in zip(self._active, explode(self.per_tensor_state(), len(self._leaves), synced)):
