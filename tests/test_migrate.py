@@ -434,3 +434,15 @@ def test_compiled_drop_in_takes_the_same_state():
         assert eager.state[p].keys() == comp.state[q].keys()
         for key in eager.state[p]:
             assert torch.equal(eager.state[p][key], comp.state[q][key])
+
+
+def test_an_unfilled_published_slot_is_never_read():
+    """SPEC: unfilled slots are never read. A published buffer with 2 of 3 slots filled whose third
+    slot holds garbage converts to the same buf_sum as with zeros there."""
+    _, _, _, _, sd = _published_checkpoint("Adam_C", dict(lr=1e-2, topC=3), steps=2)
+    buf = sd["state"][0][BUFFER_ENTRY]
+    assert buf.curr_k == 2
+    clean = convert_published(sd, memopt_func.Adam_C(mlp().parameters(), topC=3))
+    buf._heap[2] = 123.0
+    dirty = convert_published(sd, memopt_func.Adam_C(mlp().parameters(), topC=3))
+    assert torch.equal(clean["state"][0]["critical_buf_sum"], dirty["state"][0]["critical_buf_sum"])
