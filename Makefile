@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 # Test processes (pytest-xdist): most of the suite's time is compiling, one core per worker.
 TEST_WORKERS ?= 2
 
-.PHONY: setup test test-thorough demo lm bench roofline wheel-check mutants clean
+.PHONY: setup test test-thorough docs demo lm bench roofline wheel-check mutants clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+
+# The documentation site into site/ (strict: a warning fails; tests/test_docs.py builds it in make test too).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 
 test-thorough: $(STAMP)
 	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q -n $(TEST_WORKERS) properties
@@ -58,4 +62,4 @@ roofline: $(STAMP)
 	$(BIN)/python bench/roofline.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks *.egg-info dist build
+	rm -rf $(VENV) .pytest_cache .hypothesis .benchmarks *.egg-info dist build site

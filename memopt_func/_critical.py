@@ -14,6 +14,8 @@ from .storage import check_buffer_dtype
 
 
 class CriticalState(NamedTuple):
+    """The state of a critical variant: the base rule's state and the critical buffer's."""
+
     base: NamedTuple  # the base rule's state
     critical: cb.CriticalBufferState | None  # None when kappa == 0 or topC == 0
 

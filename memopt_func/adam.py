@@ -19,6 +19,8 @@ from ._rule import Rule, advance, new_steps
 
 
 class AdamState(NamedTuple):
+    """Adam's and AdamW's state: a step counter per leaf, the two moments (and ``max_exp_avg_sq`` with amsgrad) per leaf."""
+
     step: Tensor  # [N] float64, one counter per leaf
     exp_avg: tuple[Tensor, ...]
     exp_avg_sq: tuple[Tensor, ...]

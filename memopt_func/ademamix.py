@@ -22,6 +22,8 @@ from .schedules import alpha_schedule, beta3_schedule
 
 
 class AdEMAMixState(NamedTuple):
+    """AdEMAMix's state: a step counter per leaf, the fast and slow EMAs and the second moment per leaf."""
+
     step: Tensor  # [N] float64, one counter per leaf
     exp_avg: tuple[Tensor, ...]  # m1; empty when b1 == 0
     exp_avg_slow: tuple[Tensor, ...]  # m2

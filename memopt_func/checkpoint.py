@@ -26,18 +26,19 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-#: The state_dict entry that names the rule and the format.
 KEY = "memopt_func"
-#: The format this version writes.
+"""The state_dict entry that names the rule and the format."""
 FORMAT = 2
-#: Hyperparameters (param group keys) by the format that first saved them.
+"""The format this version writes."""
 GROUP_KEYS_ADDED: dict[int, tuple[str, ...]] = {
     1: ("maximize", "foreach", "state_dtype", "rounding", "param_rounding", "seed"),
 }
-#: Per-parameter state entries by the format that first saved them; a load starts them at zero.
+"""Hyperparameters (param group keys) by the format that first saved them; a load gives a group
+without them the optimizer's defaults."""
 ENTRIES_ADDED: dict[int, tuple[str, ...]] = {
     1: ("critical_nonfinite",),
 }
+"""Per-parameter state entries by the format that first saved them; a load starts them at zero."""
 
 _OPTIONAL_GROUP_KEYS = frozenset(k for keys in GROUP_KEYS_ADDED.values() for k in keys)
 _ZERO_ENTRIES = frozenset(k for keys in ENTRIES_ADDED.values() for k in keys)

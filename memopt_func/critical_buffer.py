@@ -34,6 +34,8 @@ AGGREGATIONS = ("sum", "mean", "buffer")
 
 
 class CriticalBufferState(NamedTuple):
+    """The critical buffer of a group (SPEC.md, "The critical buffer"): priorities and counters per row (one row for a synced group, one per tensor otherwise), slots and their exact sum per leaf."""
+
     keys: Tensor  # [B, C] priorities (float64 if any leaf is float64, else float32)
     count: Tensor  # [B] int64, slots filled
     offers: Tensor  # [B] int64, values offered so far (the critical_test draw counter)

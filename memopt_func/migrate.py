@@ -29,8 +29,8 @@ from . import critical_buffer as cb
 from . import checkpoint
 from .optim import MemoryOptimizer, explode
 
-#: The per-parameter state entry of cmoptimizer that holds the critical buffer (a TensorList).
 BUFFER_ENTRY = "critical gradients"
+"""The per-parameter state entry of cmoptimizer that holds the critical buffer (a TensorList)."""
 # Where cmoptimizer's TensorList class lives, as a pickled checkpoint names it.
 _TENSORLIST = "cmoptimizer.prioritydict.TensorList"
 
@@ -53,7 +53,6 @@ _ADAM = _Published(
     has_buffer=True,
 )
 
-#: The published layouts, by the name of the class (and of this package's drop-in) that saves them.
 PUBLISHED: dict[str, _Published] = {
     "Adam_CM": _ADAM,
     "Adam_C": _ADAM,
@@ -80,6 +79,7 @@ PUBLISHED: dict[str, _Published] = {
         has_buffer=False,
     ),
 }
+"""The published layouts, by the name of the class (and of this package's drop-in) that saves them."""
 
 
 class PublishedBuffer(dict):

@@ -20,6 +20,8 @@ from .sgd import check_momentum_kept
 
 
 class RMSpropState(NamedTuple):
+    """RMSprop's state: a step counter per leaf, the squared average (the plain average when centered, a momentum buffer with momentum) per leaf."""
+
     step: Tensor  # [N] float64, one counter per leaf
     square_avg: tuple[Tensor, ...]
     momentum_buffer: tuple[Tensor, ...]  # empty when built with momentum == 0

@@ -27,6 +27,7 @@ torch.serialization.add_safe_globals([AdamState, SGDState, RMSpropState, AdEMAMi
 RULES: dict[str, type[Rule]] = {
     cls.__name__: cls for cls in (Adam, AdamW, SGD, RMSprop, Adam_C, RMSprop_C, SGD_C, Adam_CM, AdEMAMix)
 }
+"""The package's rule classes by name."""
 
 __all__ = [
     "Rule",

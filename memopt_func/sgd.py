@@ -19,6 +19,8 @@ from ._rule import Rule, advance, new_steps
 
 
 class SGDState(NamedTuple):
+    """SGD's state: a step counter per leaf and, with momentum, a momentum buffer per leaf."""
+
     step: Tensor  # [N] float64, one counter per leaf
     momentum_buffer: tuple[Tensor, ...]  # empty when built with momentum == 0
 

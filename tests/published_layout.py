@@ -16,7 +16,11 @@ operations); their numbers are SPEC.md's up to rounding.
 
 from __future__ import annotations
 
+import copy
+import io
 import math
+import sys
+import types
 from typing import ClassVar
 
 import torch
@@ -295,3 +299,22 @@ PUBLISHED = {
     "SGD_C": PublishedSGDC,
     "AdEMAMix": PublishedAdEMAMix,
 }
+
+
+def pickled_as_cmoptimizer(sd, monkeypatch):
+    """torch.save the state_dict with its buffers pickled under cmoptimizer's class name, as a
+    checkpoint of the published package is; the module is gone again when it is read."""
+    pkg, mod = types.ModuleType("cmoptimizer"), types.ModuleType("cmoptimizer.prioritydict")
+    TensorList = type("TensorList", (PriorityBuffer,), {"__module__": "cmoptimizer.prioritydict"})
+    mod.TensorList, pkg.prioritydict = TensorList, mod
+    sd = copy.deepcopy(sd)
+    for entry in sd["state"].values():
+        entry[BUFFER].__class__ = TensorList
+    f = io.BytesIO()
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "cmoptimizer", pkg)
+        m.setitem(sys.modules, "cmoptimizer.prioritydict", mod)
+        torch.save({"optimizer": sd, "epoch": 3}, f)
+    assert "cmoptimizer" not in sys.modules
+    f.seek(0)
+    return f

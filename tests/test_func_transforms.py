@@ -80,7 +80,7 @@ def test_foreach_false_equals_foreach_to_rounding_and_true_is_refused_under_vmap
 
 
 def test_model_ensembling_recipe():
-    """stack_module_state + functional_call + vmap(grad) + vmap(rule.step), as the README shows."""
+    """stack_module_state + functional_call + vmap(grad) + vmap(rule.step), as the functional guide shows."""
     torch.manual_seed(0)
     members = [nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double() for _ in range(E)]
     params, _ = stack_module_state(members)

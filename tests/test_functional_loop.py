@@ -1,4 +1,4 @@
-"""The functional training loop: every rule trains the README's example, and the torch.func
+"""The functional training loop: every rule trains the functional guide's example, and the torch.func
 pieces (functional_call, grad) compose with a rule over a nested parameter pytree.
 """
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-import sys
-import types
 
 import pytest
 import torch
@@ -26,7 +24,7 @@ from memopt_func.migrate import (
     load_published,
     read_published,
 )
-from published_layout import PUBLISHED, PriorityBuffer
+from published_layout import PUBLISHED, pickled_as_cmoptimizer
 
 K, M = 8, 8  # published steps before the checkpoint (buffers full and replacing), steps after
 
@@ -208,28 +206,9 @@ def test_buffer_dtype_slots_keep_their_dtype_and_buf_sum_the_parameters():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
-def _as_pickled_by_cmoptimizer(sd, monkeypatch):
-    """torch.save the state_dict with its buffers pickled under cmoptimizer's class name, as a
-    checkpoint of the published package is; the module is gone again when it is read."""
-    pkg, mod = types.ModuleType("cmoptimizer"), types.ModuleType("cmoptimizer.prioritydict")
-    TensorList = type("TensorList", (PriorityBuffer,), {"__module__": "cmoptimizer.prioritydict"})
-    mod.TensorList, pkg.prioritydict = TensorList, mod
-    sd = copy.deepcopy(sd)
-    for entry in sd["state"].values():
-        entry[BUFFER_ENTRY].__class__ = TensorList
-    f = io.BytesIO()
-    with monkeypatch.context() as m:
-        m.setitem(sys.modules, "cmoptimizer", pkg)
-        m.setitem(sys.modules, "cmoptimizer.prioritydict", mod)
-        torch.save({"optimizer": sd, "epoch": 3}, f)
-    assert "cmoptimizer" not in sys.modules
-    f.seek(0)
-    return f
-
-
 def test_reads_a_saved_cmoptimizer_checkpoint_without_the_package(monkeypatch):
     model, _, pub, model_sd, sd = _published_checkpoint("Adam_CM", dict(lr=1e-2, topC=3))
-    f = _as_pickled_by_cmoptimizer(sd, monkeypatch)
+    f = pickled_as_cmoptimizer(sd, monkeypatch)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(f, weights_only=True)  # what read_published is for
     f.seek(0)

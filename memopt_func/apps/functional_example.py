@@ -1,4 +1,4 @@
-"""A custom training loop with torch.func: the README's functional example, also run by the tests.
+"""A custom training loop with torch.func: the functional guide's example (docs/guides/functional.md), also run by the tests.
 
 The loop owns the parameters as a plain dict; ``torch.func.grad`` of a
 ``torch.func.functional_call`` loss gives gradients of the same structure, and the rule's pure

@@ -91,7 +91,7 @@ PRESETS: dict[str, Preset] = {
         steps=300, batch_size=16, context=64, d_model=64, layers=2, heads=2, seeds=1, eval_every=30, eval_tokens=8192,
         lr={"AdamW": 4e-3, "AdEMAMix": 2e-3, "Adam": 4e-3, "Adam_CM": 2e-3, "Adam_C": 1e-3},
     ),
-    # About 13 minutes on 2 CPU cores (longer when other work shares them); the README's figure.
+    # About 13 minutes on 2 CPU cores (longer when other work shares them); the figure in docs/guides/apps.md.
     "default": Preset(
         steps=360, batch_size=16, context=128, d_model=144, layers=4, heads=4, seeds=2, eval_every=30, eval_tokens=24576,
         lr={"AdamW": 2e-3, "AdEMAMix": 2e-3, "Adam": 2e-3, "Adam_CM": 2.5e-4, "Adam_C": 5e-4},

@@ -166,10 +166,15 @@ def _compiled_class(cls: type[MemoryOptimizer]) -> type[CompiledOptimizer]:
 
 
 Adam_CM = _compiled_class(eager.Adam_CM)
+"""Compiled ``memopt_func.optim.Adam_CM``: its signature plus ``flat`` and ``cuda_graph``."""
 Adam_C = _compiled_class(eager.Adam_C)
+"""Compiled ``memopt_func.optim.Adam_C``: its signature plus ``flat`` and ``cuda_graph``."""
 RMSprop_C = _compiled_class(eager.RMSprop_C)
+"""Compiled ``memopt_func.optim.RMSprop_C``: its signature plus ``flat`` and ``cuda_graph``."""
 SGD_C = _compiled_class(eager.SGD_C)
+"""Compiled ``memopt_func.optim.SGD_C``: its signature plus ``flat`` and ``cuda_graph``."""
 AdEMAMix = _compiled_class(eager.AdEMAMix)
+"""Compiled ``memopt_func.optim.AdEMAMix``: its signature plus ``flat`` and ``cuda_graph``."""
 
 _BY_EAGER = {eager.Adam_CM: Adam_CM, eager.Adam_C: Adam_C, eager.RMSprop_C: RMSprop_C, eager.SGD_C: SGD_C, eager.AdEMAMix: AdEMAMix}
 
