@@ -18,8 +18,10 @@ around each step; ratios are to ``torch.optim.AdamW(fused=True)`` in the same ru
 bytes model of ``apps.benchmarking.bytes_per_step`` over that median, beside the device's
 measured copy bandwidth. Cells run in order of importance and none starts after ``--budget-s``
 seconds (the rest are listed as skipped); results.json is rewritten after every cell, so a run
-stopped from outside keeps what it measured. Three rows step with narrower state (bf16 rounded
-stochastically, 8-bit); one row steps Adam_CM with the critical slot gathered and written back
+stopped from outside keeps what it measured. torch's foreach AdamW stands beside its fused one (the
+eager drop-ins' launch count is foreach AdamW's target, bench/launches.py). Three rows step the
+compiled drop-ins with narrower state (bf16 rounded stochastically, 8-bit), three the eager ones
+at 20 x 1M; one row steps Adam_CM with the critical slot gathered and written back
 instead of written through a sink row and re-summed (the two device forms of
 ``critical_buffer.write``); two rows are PyTorch's recipe, ``torch.compile(opt.step)``, on the
 eager drop-ins.
@@ -187,6 +189,7 @@ def candidates(device: torch.device) -> dict[str, tuple[object, tuple[str, ...] 
     big = tuple(FULL_SIZES)[:1] + tuple(DRY_SIZES)
     out: dict[str, tuple[object, tuple[str, ...] | None]] = {
         "torch AdamW fused": (lambda params: torch.optim.AdamW(params, lr=1e-3, fused=True), None),
+        "torch AdamW foreach": (lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=True), None),
         "torch AdamW compiled": (compiled_adamw, None),
     }
     for name in MEMORY:
@@ -196,6 +199,10 @@ def candidates(device: torch.device) -> dict[str, tuple[object, tuple[str, ...] 
     out["compiled.Adam_CM, gathered slot"] = (gathered, big)
     for label, (name, storage) in STORAGE.items():
         out[label] = (lambda params, name=name, storage=storage: getattr(compiled, name)(params, lr=1e-3, **storage), big)
+    for label, (name, storage) in STORAGE.items():  # eager narrow state, launched per tensor today (bench/launches.py)
+        out[label.replace("compiled.", "eager ", 1)] = (
+            lambda params, name=name, storage=storage: getattr(optim, name)(params, lr=1e-3, **storage), big
+        )
     for name in ("Adam_CM", "AdEMAMix"):
         out[f"optim.{name}, torch.compile(opt.step)"] = (recipe(name), big)
     return out

@@ -19,7 +19,8 @@ def test_gpu_check_dry_run_writes_results(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["info"]["dry_run"] and set(data["checks"]["replay"]) == {"Adam_CM", "Adam_C", "AdEMAMix", "SGD_C"}
-    assert {"torch AdamW fused", "torch AdamW compiled", "compiled.Adam_CM", "eager Adam_CM"} <= set(data["table"])
+    assert {"torch AdamW fused", "torch AdamW foreach", "torch AdamW compiled", "compiled.Adam_CM", "eager Adam_CM",
+            "eager AdEMAMix int8", "eager Adam_CM int8 (state and buffer)"} <= set(data["table"])
     assert "| compiled.Adam_CM |" in (tmp_path / "RESULTS-gpu.md").read_text()
 
 
