@@ -253,3 +253,28 @@ def compiled_on_fsdp() -> str:
     except NotImplementedError as e:
         return str(e)
     return "accepted"
+
+
+def replicated(name: str, steps: int = 12) -> dict[str, Any]:
+    """Parameters as DTensors replicated on every rank (``Replicate()``), stepped with the same full
+    gradients as one process: their local tensors are whole, so no collective may touch their
+    norms. The largest relative difference of the parameters and of the keys from the one-process run."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    hyper = dict(lr=1e-2, topC=3, decay=0.97)
+    ref = [p.detach().clone() for p in mlp().parameters()]
+    ref = [nn.Parameter(p) for p in ref]
+    params = [nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Replicate()])) for p in ref]
+    ref_opt, opt = make_optimizer(ref, name, hyper), make_optimizer(params, name, hyper)
+    shapes = [p.shape for p in ref]
+    for k in range(steps):
+        for q, p, g in zip(ref, params, _skewed_grads(k, [None] * len(shapes), shapes)):
+            q.grad, p.grad = g, distribute_tensor(g, mesh, [Replicate()])
+        ref_opt.step()
+        opt.step()
+    err = max(((full(p.detach()) - q.detach()).abs().max() / q.detach().abs().max()).item() for p, q in zip(params, ref))
+    keys, ref_keys = opt.state[params[0]]["critical_keys"], ref_opt.state[ref[0]]["critical_keys"]
+    keys_err = ((full(keys) - ref_keys).abs().max() / ref_keys.abs().max()).item()
+    return {"err": err, "keys_err": keys_err, "keys": full(keys).tolist()}

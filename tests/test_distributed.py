@@ -59,6 +59,14 @@ def test_skew_catches_wrong_norm_combinations(pool, wrong):
     assert r0["err"] > 1e-6 or r0["keys"] != r1["keys"]
 
 
+def test_replicated_dtensors_take_no_collective(pool):
+    """A ``Replicate()`` DTensor's local tensor is the whole tensor: its norm is used as it is (an
+    all-reduce of it would count it once per rank, off by sqrt(2) here)."""
+    r0, r1 = pool.run("dist_jobs", "replicated", name="Adam_C")
+    assert r0["err"] <= 1e-12 and r0["keys_err"] <= 1e-12, (r0["err"], r0["keys_err"])
+    assert r0["keys"] == r1["keys"]
+
+
 @pytest.mark.parametrize("name", ["Adam_CM", "AdEMAMix"])
 def test_distributed_checkpoint_resumes_bitwise(pool, tmp_path, name):
     r0, r1 = pool.run("dist_jobs", "dcp_resume", name=name, path=str(tmp_path / "ckpt"))

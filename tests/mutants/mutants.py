@@ -81,6 +81,7 @@ SUBSETS = {
     "sharding": [
         "tests/test_distributed.py::test_skew_catches_wrong_norm_combinations",
         "tests/test_distributed.py::test_skewed_shards_take_the_full_norm",
+        "tests/test_distributed.py::test_replicated_dtensors_take_no_collective",
         "tests/test_distributed.py::test_matches_one_process",
     ],
     "stepper": [
