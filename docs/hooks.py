@@ -12,6 +12,7 @@ from mkdocs.structure.files import File
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTSIDE = ["SPEC.md", "CHANGELOG.md", "bench/RESULTS.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "bench", "figures", "*.png")))]
 MARKER = "<!-- cli-help -->"
+SIGNATURES = "<!-- dropin-signatures -->"
 
 
 def on_files(files, config):
@@ -33,9 +34,24 @@ def cli_help() -> str:
     return "\n".join(out)
 
 
+def dropin_signatures() -> str:
+    """Each named drop-in's signature, as ``inspect.signature`` gives it (the static reader of the
+    API reference sees only ``MemoryOptimizer.__init__``'s ``*args, **kwargs``)."""
+    import inspect
+
+    from memopt_func import optim
+
+    out = []
+    for name in ("Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix"):
+        out += [f"### `{name}`", "", "```python", f"{name}{inspect.signature(getattr(optim, name))}", "```", ""]
+    return "\n".join(out)
+
+
 def on_page_markdown(markdown, page, config, files):
     if page.file.src_uri == "index.md":  # the README: its links into docs/ are site links here
         return markdown.replace("](docs/", "](")
     if MARKER in markdown:
-        return markdown.replace(MARKER, cli_help())
+        markdown = markdown.replace(MARKER, cli_help())
+    if SIGNATURES in markdown:
+        markdown = markdown.replace(SIGNATURES, dropin_signatures())
     return markdown
