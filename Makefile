@@ -29,7 +29,7 @@ test-thorough: $(STAMP)
 	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q -n $(TEST_WORKERS) properties
 
 # Planted mutations (tests/mutants/mutants.py), one at a time in a temporary copy of the tree,
-# against a fast test subset: the kill rate and every survivor with its judgement (~15 minutes).
+# against a fast test subset: the kill rate and every survivor with its judgement (~35 minutes).
 mutants: $(STAMP)
 	$(BIN)/python tests/mutants/run.py
 
