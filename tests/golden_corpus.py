@@ -103,6 +103,11 @@ def run(opt, params, steps: range, skips: bool = True) -> None:
         opt.step()
 
 
+def relative_errors(params, old) -> list[float]:
+    """Per parameter, max |new - old| / max |old|: how far a resumed run ended from the old one's."""
+    return [float((new.detach() - o).abs().max() / o.abs().max().clamp(min=1e-300)) for new, o in zip(params, old)]
+
+
 class SteppingLoop:
     """A ``Stepper`` with the optimizer's ``step()`` and ``state_dict()`` (what ``run`` calls)."""
 

@@ -12,7 +12,7 @@ import torch
 import memopt_func.compiled as compiled
 from memopt_func import optim, rules
 from memopt_func.checkpoint import FORMAT
-from golden_corpus import CASES, GOLDEN, SteppingLoop, initial_params, make_optimizer, make_stepper, run, skipping
+from golden_corpus import CASES, GOLDEN, SteppingLoop, initial_params, make_optimizer, make_stepper, relative_errors, run, skipping
 
 FILES = sorted(glob.glob(os.path.join(GOLDEN, "*", "*.pt")))
 IDS = [os.path.relpath(f, GOLDEN).removesuffix(".pt") for f in FILES]
@@ -39,9 +39,7 @@ def _resume(case, cls):
 
 
 def _assert_continues(case, params):
-    for i, (new, old) in enumerate(zip(params, case["params_after"])):
-        scale = old.abs().max().clamp(min=1e-300)
-        err = float((new.detach() - old).abs().max() / scale)
+    for i, err in enumerate(relative_errors(params, case["params_after"])):
         assert err <= 1e-9, f"{case['label']}/{case['case']}: parameter {i} is {err:.3g} (relative) off the old run's continuation"
 
 
