@@ -55,6 +55,29 @@ class using_scratch(_Setting):
     key = "scratch"
 
 
+def scalar_loop(fn, *args):
+    """``fn(*args)`` for an element-wise transcendental ``fn`` (pow, log) over small vectors of
+    per-leaf scalars, each element's value independent of where it sits.
+
+    On a CPU, ATen evaluates the vectorised body of such a kernel with SLEEF and the tail with
+    libm; they differ in the last bit for about 1.5% of ``0.999**t``. So the same leaf's bias
+    correction would depend on how many leaves a step has, or on a ``vmap`` batch. Each tensor
+    argument gets a trailing size-2 dimension of stride 0, which ATen runs element by element:
+    every element takes libm's value, which is also what Python's ``**`` and ``torch.optim``
+    compute. Elsewhere (a GPU, ``meta``, under ``torch.compile``) ``fn`` runs as it is."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if not tensors or tensors[0].device.type != "cpu" or torch.compiler.is_compiling():
+        return fn(*args)
+    shape = torch.broadcast_shapes(*(a.shape for a in tensors))
+    widened = [a.expand(shape).unsqueeze(-1).expand(*shape, 2) if isinstance(a, Tensor) else a for a in args]
+    return fn(*widened)[..., 0]
+
+
+def power(base: Scalar, exponent: Tensor) -> Tensor:
+    """``base ** exponent`` element by element (``scalar_loop``)."""
+    return scalar_loop(torch.pow, base, exponent)
+
+
 # out-of-place ops whose result fe may write into a scratch tensor of x's dtype (``out=``)
 _INTO = {"sqrt", "mul", "div", "add", "lerp", "maximum", "neg", "addcmul", "addcdiv"}
 
@@ -244,7 +267,7 @@ def decoupled_decay(params: TensorList, lr: Scalar, weight_decay: Scalar, inplac
 
 def adam_denominator(vs: TensorList, b2: Scalar, t: Tensor, eps: Scalar) -> list[Tensor]:
     """sqrt(v) / sqrt(1 - b2**t) + eps, one bias correction per leaf (t is the leaves' step vector)."""
-    bc2_sqrt = torch.sqrt(1 - b2**t)
+    bc2_sqrt = torch.sqrt(1 - power(b2, t))
     d = fe("sqrt", vs)  # fresh: the rest works in place on it
     d = fe("div_", d, per_leaf(bc2_sqrt, vs, operand=True))
     return add_scalar_(d, eps)
@@ -255,7 +278,7 @@ def adam_apply(
 ) -> list[Tensor]:
     """p - (lr / (1 - b1**t)) * num / denom, with one step size per leaf (a device tensor, so it
     goes into ``denom``, a fresh temporary of ``adam_denominator``)."""
-    return addcdiv(params, num, denom, per_leaf(-(lr / (1 - b1**t)), num, operand=True), inplace)
+    return addcdiv(params, num, denom, per_leaf(-(lr / (1 - power(b1, t))), num, operand=True), inplace)
 
 
 def amsgrad_max(vmax: TensorList, vs: TensorList, inplace: bool = False) -> list[Tensor]:

@@ -95,7 +95,7 @@ class AdEMAMix(Rule):
         v = M.ema_sq(_tree.take(state.exp_avg_sq, idx), grads, b2, ctx.donate)
         denom = M.adam_denominator(v, b2, t, eps)
         # u = (m1 / (1 - b1**t) + alpha_t * m2) / denom (+ weight_decay * p), built in one fresh tensor
-        u = M.scale(m1, M.per_leaf(1 / (1 - b1**t), grads, operand=True))
+        u = M.scale(m1, M.per_leaf(1 / (1 - M.power(b1, t)), grads, operand=True))
         u = M.axpy(u, alpha_t, m2, inplace=True)
         u = M.fe("div_", u, denom)
         if not M.is_zero(wd):

@@ -11,9 +11,11 @@ import math
 import torch
 from torch import Tensor
 
+from ._math import power, scalar_loop
+
 
 def _log(x: float | Tensor) -> float | Tensor:
-    return torch.log(x) if isinstance(x, Tensor) else math.log(x)
+    return scalar_loop(torch.log, x) if isinstance(x, Tensor) else math.log(x)
 
 
 def alpha_schedule(t: Tensor, alpha: float | Tensor, warmup: int | None) -> float | Tensor:
@@ -35,4 +37,4 @@ def beta3_schedule(t: Tensor, beta1: float | Tensor, beta3: float | Tensor, warm
         return beta3
     s = t / warmup
     mixed = (1 - s) * _half_life(beta1) + s * _half_life(beta3)
-    return torch.where(t < warmup, torch.pow(0.5, 1 / (mixed + 1)), beta3 * torch.ones_like(t))
+    return torch.where(t < warmup, power(0.5, 1 / (mixed + 1)), beta3 * torch.ones_like(t))
