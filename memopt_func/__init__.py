@@ -22,6 +22,7 @@ from . import optim, rules
 from .optim import AdEMAMix, Adam_C, Adam_CM, MemoryOptimizer, RMSprop_C, SGD_C, from_rule
 from ._scratch import Scratch
 from .rules import RULES, Rule
+from . import compiled  # noqa: E402,F401  (registers the flat stepping torch.compile(opt.step) hands over to)
 
 __all__ = ["optim", "rules", "RULES", "Rule", "Scratch", "MemoryOptimizer", "from_rule", "Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix"]
 

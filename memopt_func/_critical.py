@@ -9,10 +9,12 @@ from torch import Tensor
 
 from . import _hyper as H
 from . import critical_buffer as cb
+from . import schema
 from ._rule import Rule, in_parts
 from .storage import check_buffer_dtype
 
 
+@schema.declare(base=schema.nested(), critical=schema.nested("critical_"))
 class CriticalState(NamedTuple):
     """The state of a critical variant: the base rule's state and the critical buffer's."""
 

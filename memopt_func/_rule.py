@@ -12,6 +12,7 @@ from torch import Tensor
 
 from . import _math as M
 from . import _tree, sharding
+from . import critical_buffer as cb
 from . import storage as _storage
 from ._hyper import Hyper
 
@@ -108,9 +109,17 @@ class Rule:
         local = [sharding.local(p) for p in leaves]
         return sharding.globalize(self._fresh(local), leaves)
 
-    def _fresh(self, leaves: list[Tensor]) -> NamedTuple:
-        """A fresh state over leaves (local tensors), laid out in its storage (``storage``)."""
+    def fresh_state(self, leaves: list[Tensor]) -> NamedTuple:
+        """A fresh state over a list of tensors (local tensors, or ``meta`` ones for a template of
+        the structure), laid out in its storage; ``init`` without the pytree and DTensor handling."""
         return self._storage.fresh(self._init(leaves), leaves)
+
+    _fresh = fresh_state
+
+    @property
+    def storage(self) -> _storage.Storage:
+        """How this rule stores its state (``state_dtype``, ``buffer_dtype``, rounding, seed)."""
+        return self._storage
 
     def _refuse_sharded_codes(self) -> None:
         if self._storage.quantizes:
@@ -201,6 +210,7 @@ class Rule:
         store = self._storage if self._storage.active else None
         if store is not None:  # the update sees its inputs at compute precision
             present, grads, local_state = store.decode(present, grads, local_state, idx)
+            local_state = cb.decoded_sums(local_state, idx)
         per_tensor = self._per_tensor(h, present, grads)
         donate = donate and not per_tensor
         if not donate or torch.compiler.is_compiling():
@@ -221,6 +231,7 @@ class Rule:
             new_present, new_state = store.encode(
                 new_present, new_state, stored_present, stored_state, idx, ctx.donate
             )
+            new_state = cb.stored_sums(new_state, idx, ctx.donate)
         if sharded:
             new_present = [
                 leaves[i] if n is sharding.local(leaves[i]) else sharding.like(n, leaves[i]) for i, n in zip(idx, new_present)
@@ -245,7 +256,7 @@ class Rule:
     def check_state(self, state: NamedTuple, params: Sequence[Tensor]) -> None:
         """Raise ValueError unless ``state`` is laid out as ``init`` lays it out for params under
         this rule's hyperparameters (e.g. a topC=5 state does not fit a topC=3 rule)."""
-        _tree.check_state(state, params, type(self).__name__)
+        _tree.check_state(state, params, type(self).__name__, _storage.fits)
         if torch.compiler.is_compiling():
             return  # checked when the step was traced from eager inputs; shapes are static here
         key = tuple((tuple(p.shape), p.dtype) for p in params)
@@ -258,7 +269,9 @@ class Rule:
             fixed = ", ".join(f"{h.name}={self.hyper[h.name]!r}" for h in self.HYPERS if not h.dynamic)
             raise ValueError(f"{type(self).__name__} state does not fit this rule ({fixed}): {problem}")
 
-    def _resolve(self, per_step: dict[str, Any]) -> dict[str, Any]:
+    def resolve(self, per_step: dict[str, Any]) -> dict[str, Any]:
+        """The hyperparameters a step with these per-step values runs with; ValueError for a
+        name that cannot change per step or a value that is not valid (nothing changes)."""
         if not per_step:
             return self.hyper
         dynamic = {h.name: h for h in self.HYPERS if h.dynamic}
@@ -272,6 +285,8 @@ class Rule:
             h[name] = _per_step_value(dynamic[name], value)
         self._check_per_step(h)
         return h
+
+    _resolve = resolve
 
     def _check_per_step(self, h: dict[str, Any]) -> None:
         """Checks that per-step values keep the state layout valid; raise ValueError."""

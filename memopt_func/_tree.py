@@ -8,6 +8,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from . import schema
+
 
 def replace(nt: Any, **changes: Any) -> Any:
     """``nt._replace(**changes)``, built by calling the class: torch 2.11's Dynamo returns a
@@ -82,8 +84,9 @@ def check_grad_leaves(leaves: Sequence[Tensor | None], params: Sequence[Tensor])
             raise ValueError(f"grads leaf {i} is on {g.device} but its parameter is on {p.device}")
 
 
-def check_state(state: Any, params: Sequence[Tensor], rule_name: str) -> None:
-    """Raise if a state was not made by ``init`` on parameters of these shapes."""
+def check_state(state: Any, params: Sequence[Tensor], rule_name: str, quantized_fits=None) -> None:
+    """Raise if a state was not made by ``init`` on parameters of these shapes.
+    ``quantized_fits(entry, p, lead)`` says whether an 8-bit entry (``storage.Quantized``) fits p."""
     n = len(params)
     step = getattr(state, "step", None)
     if not isinstance(step, Tensor) or step.shape != (n,):
@@ -91,14 +94,13 @@ def check_state(state: Any, params: Sequence[Tensor], rule_name: str) -> None:
             f"{rule_name} state does not match params: expected a state from init() over {n} tensors "
             f"(step of shape ({n},)), got step {None if step is None else tuple(step.shape)}"
         )
-    for field, value in _per_leaf_fields(state):
+    for field, f, value in _per_leaf_fields(state):
         if len(value) != n:
             raise ValueError(f"{rule_name} state field {field!r} has {len(value)} tensors but params have {n}")
+        lead = 1 if f.role == schema.SLOTS else 0
         for i, (s, p) in enumerate(zip(value, params)):
             if isinstance(s, tuple):  # 8-bit codes (``storage.Quantized``)
-                from .storage import fits
-
-                if not fits(s, p, lead=1 if field == "buf" else 0):
+                if quantized_fits is None or not quantized_fits(s, p, lead=lead):
                     raise ValueError(
                         f"{rule_name} state field {field!r}[{i}] holds 8-bit codes of shape {tuple(s[0].shape)}, "
                         f"which do not fit a parameter of shape {tuple(p.shape)}"
@@ -111,14 +113,17 @@ def check_state(state: Any, params: Sequence[Tensor], rule_name: str) -> None:
                 )
 
 
-def layout_mismatch(got: Any, want: Any, path: str = "state") -> str | None:
+def layout_mismatch(got: Any, want: Any, path: str = "state", slots: bool = False) -> str | None:
     """Where a state's structure or shapes differ from a template state's (None if they agree).
-    A critical ``buf`` may carry one scratch row after its slots (see ``critical_buffer.with_sink``)."""
+    A critical buffer's slots (``slots``) may carry one scratch row after them (see
+    ``critical_buffer.with_sink``)."""
     if isinstance(want, tuple) and hasattr(want, "_fields"):
         if type(got).__name__ != type(want).__name__:
             return f"{path} is a {type(got).__name__}, the rule keeps a {type(want).__name__}"
+        roles = schema.of(want) if schema.is_state(want) else {}
         for field in want._fields:
-            problem = layout_mismatch(getattr(got, field), getattr(want, field), f"{path}.{field}")
+            in_slots = slots or (field in roles and roles[field].role == schema.SLOTS)
+            problem = layout_mismatch(getattr(got, field), getattr(want, field), f"{path}.{field}", in_slots)
             if problem:
                 return problem
         return None
@@ -131,26 +136,29 @@ def layout_mismatch(got: Any, want: Any, path: str = "state") -> str | None:
             n = len(got) if isinstance(got, tuple) else type(got).__name__
             return f"{path} has {n} entries, the rule needs {len(want)}"
         for i, (g, w) in enumerate(zip(got, want)):
-            problem = layout_mismatch(g, w, f"{path}[{i}]")
+            problem = layout_mismatch(g, w, f"{path}[{i}]", slots)
             if problem:
                 return problem
         return None
     if not isinstance(got, Tensor):
         return f"{path} is a {type(got).__name__}, not a tensor"
     shape, expected = tuple(got.shape), tuple(want.shape)
-    sink = ".buf[" in path and len(shape) == len(expected) and shape[1:] == expected[1:] and shape[0] == expected[0] + 1
+    sink = slots and len(shape) == len(expected) and shape[1:] == expected[1:] and shape[0] == expected[0] + 1
     if shape != expected and not sink:
         return f"{path} has shape {shape}, the rule needs {expected}"
     return None
 
 
 def _per_leaf_fields(state: Any):
-    for field in getattr(state, "_fields", ()):
+    """(field, declaration, entries) for each non-empty per-leaf field, nested states walked."""
+    if not schema.is_state(state):
+        return
+    for field, f in schema.of(state).items():
         value = getattr(state, field)
-        if isinstance(value, tuple) and hasattr(value, "_fields"):
+        if f.role == schema.NESTED:
             yield from _per_leaf_fields(value)
         elif isinstance(value, tuple) and value:
-            yield field, value
+            yield field, f, value
 
 
 def map_leaf_entries(state: Any, idx: Sequence[int], fn) -> Any:

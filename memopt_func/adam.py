@@ -14,10 +14,11 @@ from torch import Tensor
 
 from . import _hyper as H
 from . import _math as M
-from . import _tree
+from . import _tree, schema
 from ._rule import Rule, advance, new_steps
 
 
+@schema.declare(step=schema.step(), exp_avg=schema.moment("signed"), exp_avg_sq=schema.moment("square"), max_exp_avg_sq=schema.moment("square"))
 class AdamState(NamedTuple):
     """Adam's and AdamW's state: a step counter per leaf, the two moments (and ``max_exp_avg_sq`` with amsgrad) per leaf."""
 

@@ -15,12 +15,15 @@ from torch import Tensor
 
 from . import _hyper as H
 from . import _math as M
-from . import _tree
+from . import _tree, schema
 from ._rule import Rule, advance, new_steps
 from .adam import AdamW, adam_update, init_adam
 from .schedules import alpha_schedule, beta3_schedule
 
 
+@schema.declare(
+    step=schema.step(), exp_avg=schema.moment("signed"), exp_avg_slow=schema.moment("signed"), exp_avg_sq=schema.moment("square")
+)
 class AdEMAMixState(NamedTuple):
     """AdEMAMix's state: a step counter per leaf, the fast and slow EMAs and the second moment per leaf."""
 

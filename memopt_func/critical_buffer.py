@@ -27,12 +27,17 @@ import torch
 from torch import Tensor
 
 from . import _math as M
-from . import _tree, sharding
+from . import _tree, schema, sharding
 from ._counter_hash import uniform
+from .storage import Quantized, load_codes
 
 AGGREGATIONS = ("sum", "mean", "buffer")
 
 
+@schema.declare(
+    keys=schema.rows(), count=schema.rows(), offers=schema.rows(), accepted=schema.rows(), nonfinite=schema.rows(),
+    buf=schema.slots(), buf_sum=schema.slot_sum(),
+)
 class CriticalBufferState(NamedTuple):
     """The critical buffer of a group (SPEC.md, "The critical buffer"): priorities and counters per row (one row for a synced group, one per tensor otherwise), slots and their exact sum per leaf."""
 
@@ -452,6 +457,64 @@ def slot_sum(buf: Tensor, filled: Tensor, top_c: int, dtype: torch.dtype) -> Ten
     for j in range(1, top_c):
         total = total + torch.where(filled > j, buf[j].to(dtype), 0)
     return total
+
+
+def map_buffers(state: Any, fn) -> Any:
+    """The state with every critical buffer state in it (nested states walked) mapped by fn."""
+    if isinstance(state, CriticalBufferState):
+        return fn(state)
+    if state is None:
+        return None
+    nested = {n: map_buffers(getattr(state, n), fn) for n, f in schema.of(state).items() if f.role == schema.NESTED}
+    return _tree.replace(state, **nested) if nested else state
+
+
+def _sums_from_slots(crit: CriticalBufferState, idx: Sequence[int], slots_of) -> list[Tensor | None]:
+    """Per leaf: ``buf_sum`` summed afresh in float64 from ``slots_of(i)`` (the slots at compute
+    precision), for the leaves in idx where ``slots_of(i)`` gives slots; None elsewhere."""
+    top_c = crit.keys.shape[1]
+    out: list[Tensor | None] = [None] * len(crit.buf_sum)
+    for i in idx:
+        slots = slots_of(i)
+        if slots is not None:
+            out[i] = slot_sum(slots, crit.count[0] if _synced(crit) else crit.count[i], top_c, torch.float64)
+    return out
+
+
+def decoded_sums(state: Any, idx: Sequence[int]) -> Any:
+    """The state whose decoded 8-bit buffers (slots at compute precision, ``buf_sum`` stored
+    narrower than float64) carry a ``buf_sum`` summed afresh from their slots in float64."""
+
+    def fix(crit: CriticalBufferState) -> CriticalBufferState:
+        if not any(s.dtype != torch.float64 for s in crit.buf_sum):
+            return crit
+        fresh = _sums_from_slots(crit, idx, lambda i: crit.buf[i] if crit.buf_sum[i].dtype != torch.float64 else None)
+        return _tree.replace(crit, buf_sum=tuple(old if new is None else new for old, new in zip(crit.buf_sum, fresh)))
+
+    return map_buffers(state, fix)
+
+
+def stored_sums(state: Any, idx: Sequence[int], donate: bool) -> Any:
+    """The stored state with each 8-bit buffer's ``buf_sum`` equal to the sum of its stored slots
+    (the step's own sum has the written value before it was quantized)."""
+
+    def fix(crit: CriticalBufferState) -> CriticalBufferState:
+        if not any(isinstance(b, Quantized) for b in crit.buf):
+            return crit
+        top_c = crit.keys.shape[1]
+
+        def stored_slots(i: int) -> Tensor | None:
+            b, total = crit.buf[i], crit.buf_sum[i]
+            return load_codes(b, "signed", (top_c, *total.shape), torch.float64, lead=1) if isinstance(b, Quantized) else None
+
+        sums = list(crit.buf_sum)
+        for i, total in enumerate(_sums_from_slots(crit, idx, stored_slots)):
+            if total is not None:
+                total = total.to(sums[i].dtype)
+                sums[i] = sums[i].copy_(total) if donate else total
+        return _tree.replace(crit, buf_sum=tuple(sums))
+
+    return map_buffers(state, fix)
 
 
 def commit(state: CriticalBufferState, decision: Decision) -> CriticalBufferState:

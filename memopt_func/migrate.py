@@ -27,7 +27,8 @@ from torch import Tensor
 
 from . import critical_buffer as cb
 from . import checkpoint
-from .optim import MemoryOptimizer, explode
+from .groups import explode, layout_value
+from .optim import MemoryOptimizer
 
 BUFFER_ENTRY = "critical gradients"
 """The per-parameter state entry of cmoptimizer that holds the critical buffer (a TensorList)."""
@@ -168,10 +169,10 @@ def _convert_group(index, theirs, params, saved, layout, optimizer):
     for n in names:
         group.setdefault(n, optimizer.defaults[n])
     try:
-        rule = optimizer.RULE(**{n: _layout_value(group[n]) for n in names})
+        rule = optimizer.RULE(**{n: layout_value(group[n]) for n in names})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
-    synced = bool(rule.hyper.get("synced", False))
+    synced = optimizer.groups.synced(rule)
     wanted = explode(rule.init([torch.empty_like(p, device="meta") for p in params]), len(params), synced)
     buffered = any(k.startswith("critical_") for w in wanted for k in w)
     known = set(layout.moments.values()) | ({"step"} if layout.has_step else set()) | ({BUFFER_ENTRY} if layout.has_buffer else set())
@@ -325,13 +326,6 @@ def _rows(where, slots, synced, params) -> dict[int, dict[str, Tensor]]:
             )
     rows[0] = row(keys, count, params[0].device, (1,))
     return rows
-
-
-def _layout_value(value: Any) -> Any:
-    """A tensor hyperparameter as the drop-ins lay out state for it (a non-zero stand-in)."""
-    if isinstance(value, (tuple, list)):
-        return tuple(_layout_value(v) for v in value)
-    return 0.5 if isinstance(value, Tensor) else value
 
 
 __all__ = ["BUFFER_ENTRY", "PUBLISHED", "PublishedBuffer", "convert_published", "load_published", "read_published"]

@@ -4,25 +4,22 @@ Each is a thin adapter over a functional rule of this package: per param group i
 parameters, gradients and per-parameter state into the rule's pure ``step``, then writes the new
 parameters in place and rebinds the new state. No formula lives here.
 
-State layout (what ``state_dict()`` holds, plain tensors only): per parameter the rule's per-leaf
-fields under their names (``step``, ``exp_avg``, ``critical_buf``, ...); the critical buffer's
-``critical_keys`` / ``critical_count`` / ``critical_offers`` / ``critical_accepted`` sit with
-each parameter when ``synced=False`` and, for a synced group, with the group's first parameter.
+State layout (what ``state_dict()`` holds, plain tensors only): see ``memopt_func.groups``, the
+bridge between param groups and rule state that every drop-in goes through.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable
 
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor
 
 from . import _tree, checkpoint, sharding
 from ._rule import Rule
 from ._scratch import Scratch
-from .storage import Quantized
+from .groups import GroupStates, assemble, explode, layout_value, real
 from .adam_c import Adam_C as _AdamCRule
 from .adam_cm import Adam_CM as _AdamCMRule
 from .ademamix import AdEMAMix as _AdEMAMixRule
@@ -34,83 +31,22 @@ from .sgd_c import SGD_C as _SGDCRule
 _compile_callback = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
 _compile_callback = getattr(_compile_callback, "get_eval_frame_callback", lambda: None)
 
+# What a step under torch.compile hands over to: the speed package's flat stepping, which depends on
+# this module and registers itself here when it is imported (``import memopt_func`` imports it).
+_FLAT_STEPPING: dict[str, Any] = {"factory": None}
+
+
+def use_flat_stepping(factory: Callable[[MemoryOptimizer], Any]) -> None:
+    """Register the flat stepping (``factory(opt).step(closure)``) that ``MemoryOptimizer.step``
+    runs under ``torch.compile``; ``memopt_func.compiled`` registers its ``FlatSteps``."""
+    _FLAT_STEPPING["factory"] = factory
+
+
 _HANDOVER = (
     "a memopt_func drop-in's step runs its compiled flat steppers outside the traced frame, as one graph break "
     "(fullgraph=True forbids it, as for torch.optim's steps); for a step traced into your graph, use the "
     "functional rule's step, or memopt_func.compiled's Stepper for a compiled step of its own"
 )
-
-_ROW_FIELDS = ("keys", "count", "offers", "accepted", "nonfinite")
-# The state_dict key of an 8-bit entry's block scales (next to its codes under the entry's name).
-_ABSMAX = "_absmax"
-
-
-def _walk(state: Any, prefix: str = ""):
-    """(key, value) for every state entry; ``base`` adds no prefix, ``critical`` adds ``critical_``."""
-    for field in state._fields:
-        value = getattr(state, field)
-        if value is None:
-            continue
-        if isinstance(value, tuple) and hasattr(value, "_fields"):
-            yield from _walk(value, "" if field == "base" else f"{prefix}{field}_")
-        else:
-            yield f"{prefix}{field}", field, value
-
-
-def explode(state: NamedTuple, n: int, synced: bool) -> list[dict[str, Tensor]]:
-    """The rule state of a group as one dict per parameter."""
-    out: list[dict[str, Tensor]] = [{} for _ in range(n)]
-    for key, field, value in _walk(state):
-        if isinstance(value, tuple):
-            for d, v in zip(out, value):
-                if isinstance(v, Quantized):  # 8-bit codes: two plain tensors in the state_dict
-                    d[key], d[key + _ABSMAX] = v.codes, v.absmax
-                else:
-                    d[key] = v
-        elif field in _ROW_FIELDS and synced:
-            out[0][key] = value
-        else:
-            for d, v in zip(out, value.unbind(0)):
-                d[key] = v
-    return out
-
-
-def assemble(template: NamedTuple, dicts: list[dict[str, Tensor]], synced: bool) -> NamedTuple:
-    """Inverse of ``explode``: rebuild the rule state shaped like ``template`` from per-parameter dicts."""
-
-    def build(node: Any, prefix: str) -> Any:
-        fields = {}
-        for field in node._fields:
-            value = getattr(node, field)
-            key = f"{prefix}{field}"
-            if value is None:
-                fields[field] = None
-            elif isinstance(value, tuple) and hasattr(value, "_fields"):
-                fields[field] = build(value, "" if field == "base" else f"{key}_")
-            elif isinstance(value, tuple):
-                if value and key not in dicts[0]:
-                    # reached under torch.compile(opt.step), whose traced step cannot compare the
-                    # hyperparameters with those the state was made with (``_check_layout_kept``)
-                    raise ValueError(_layout_changed(f"the state has no {key!r}, which these hyperparameters need"))
-                fields[field] = tuple(
-                    Quantized(d[key], d[key + _ABSMAX]) if isinstance(w, Quantized) else d[key] for d, w in zip(dicts, value)
-                )
-            elif field in _ROW_FIELDS and synced:
-                fields[field] = dicts[0][key]
-            else:
-                fields[field] = torch.stack([d[key] for d in dicts])
-        return type(node)(**fields)
-
-    return build(template, "")
-
-
-def _layout_changed(what: str) -> str:
-    return (
-        f"{what}: a hyperparameter that changes the state's layout (a momentum or beta set to or from 0, "
-        "topC, synced, buffer_dtype, amsgrad, state_dtype, ...) changed after the state was made; set it "
-        "before the first step, or start a new optimizer (or a new param group) for it"
-    )
-
 
 class MemoryOptimizer(torch.optim.Optimizer):
     """Base of the drop-in optimizers: a functional rule stepped over each param group."""
@@ -151,12 +87,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{type(self).__name__} got multiple values for argument {name!r}")
             kwargs[name] = value
         defaults = self.RULE(**kwargs).hyper  # validates; ValueError before anything exists
-        self._rules: dict[tuple, Rule] = {}
-        self._templates: dict[tuple, NamedTuple] = {}
+        #: The bridge between the param groups and the rule's state (``memopt_func.groups``).
+        self.groups = GroupStates(self, self.RULE)
         self._stats_offset: dict[int, dict[str, int]] = {}
-        # per group (keyed by its first parameter): the rule key, rule and hyperparameter values
-        # its state was laid out by
-        self._laid_out: dict[Tensor, tuple[tuple, Rule, dict]] = {}
         super().__init__(params, {**defaults, "differentiable": differentiable})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -169,111 +102,6 @@ class MemoryOptimizer(torch.optim.Optimizer):
         params = self.param_groups[-1]["params"]
         fits = not any(p.is_complex() for p in params) and not sharding.any_sharded(params)
         self.__dict__["_flat_fits"] = self.__dict__.get("_flat_fits", True) and fits
-
-    def _rule(self, group: dict[str, Any]) -> Rule:
-        """The group's rule, cached by what fixes the state layout: the static hyperparameters and
-        which per-step ones are exactly zero, where zero is special (e.g. momentum == 0 keeps no
-        momentum buffer; ``Hyper.zero_is_special``)."""
-        key = self._rule_key(group)
-        rule = self._rules.get(key)
-        if rule is None:
-            hyper = {h.name: _layout_value(group[h.name]) for h in self.RULE.HYPERS}
-            rule = self._rules[key] = self.RULE(**hyper)
-        return rule
-
-    def _rule_key(self, group: dict[str, Any]) -> tuple:
-        return tuple(
-            (h.name, _is_python_zero(group[h.name])) if h.dynamic else (h.name, group[h.name])
-            for h in self.RULE.HYPERS
-            if h.zero_is_special or not h.dynamic
-        )
-
-    def _check_layout_kept(self, group: dict[str, Any], rule: Rule, params: list[Tensor]) -> None:
-        """A group's state keeps the layout it was made with: a structural hyperparameter
-        (``topC``, ``synced``, ``buffer_dtype``, ``amsgrad``, a momentum set to or from 0, ...)
-        changed after the state exists raises, naming it; other changes apply from this step on.
-        ``params``: the group's parameters as the rule steps them (complex ones as real views)."""
-        before, old_rule, old_values = self._laid_out.get(group["params"][0], (None, None, None))
-        if before is None:
-            return
-        if torch.compiler.is_compiling():
-            return  # checked untraced before any traced step (``_prepare_untraced``)
-        key = self._rule_key(group)
-        if before == key:
-            return
-        if _layout(old_rule, params) == _layout(rule, params):
-            self._record_layout(group, rule)
-            return
-        changed = [f"{n!r} from {old_values[n]!r} to {group[n]!r}" for (n, o), (_, v) in zip(before, key) if o != v]
-        raise ValueError(
-            f"changed {', '.join(changed)} after its state was made, "
-            "which changes the state's layout; set it before the first step, or start a new optimizer "
-            "(or a new param group) for it"
-        )
-
-    def _template(self, group: dict[str, Any], rule: Rule, params: list[Tensor], state: NamedTuple | None = None) -> NamedTuple:
-        """A state of the structure the group's rule gives params (its values unused): the given
-        one, else a cached one, else one made on the meta device (outside any compiled region: after
-        a load). Cached by the group's rule key, not by ``id(rule)``: under torch.compile, Dynamo
-        fails on the id of a rule cached under a key that holds a dtype (``state_dtype``)."""
-        key = (self._rule_key(group), tuple((p.shape, p.dtype, p.device) for p in params))
-        if state is not None:
-            self._templates[key] = state
-        elif key not in self._templates:
-            self._templates[key] = rule._fresh(_tree.meta_like(params))
-        return self._templates[key]
-
-    def _group_state(self, group: dict[str, Any], rule: Rule, params: list[Tensor] | None = None, store: bool = True) -> NamedTuple:
-        """The group's state as the rule takes it (over ``params``, default the group's); a group
-        without state gets a fresh one, kept in ``self.state`` only with ``store``."""
-        params = group["params"] if params is None else params
-        if not self.state.get(group["params"][0]):
-            state = rule.init(params)
-            if store:
-                self._store(group, rule, state)
-            return state
-        dicts = [self.state[p] for p in group["params"]]
-        for i, d in enumerate(dicts):
-            if not d:
-                raise RuntimeError(
-                    f"{type(self).__name__}: parameter {i} of a param group has no state while the others do; "
-                    "load a complete state_dict or start the group afresh"
-                )
-        return assemble(self._template(group, rule, params), dicts, self._synced(rule))
-
-    def _store(self, group: dict[str, Any], rule: Rule, state: NamedTuple) -> None:
-        """Keep a group's new rule state as per-parameter entries of ``self.state``."""
-        params = group["params"]
-        entries = explode(state, len(params), self._synced(rule))
-        if torch.compiler.is_compiling() and self.state.get(params[0]):
-            # written into the tensors the graph was traced with: Dynamo guards on their identity,
-            # so new tensors would compile the step again. _foreach_copy_, as
-            # torch.compile drops a plain copy_ into a 0-d float64 CPU tensor (``step``)
-            pairs = [(self.state[p][k], v) for p, d in zip(params, entries) for k, v in d.items()]
-            pairs = [(dst, src) for dst, src in pairs if dst is not src]
-            if pairs:
-                torch._foreach_copy_([dst for dst, _ in pairs], [src for _, src in pairs])
-            return
-        for p, d in zip(params, entries):
-            self.state[p] = d
-        self._template(group, rule, _real(params), state)
-        self._record_layout(group, rule)
-
-    def _record_layout(self, group: dict[str, Any], rule: Rule) -> None:
-        """Note the layout the group's state has now (``_check_layout_kept`` compares with it)."""
-        self._laid_out[group["params"][0]] = (self._rule_key(group), rule, _hyper_values(group, rule))
-
-    @staticmethod
-    def _synced(rule: Rule) -> bool:
-        return bool(rule.hyper.get("synced", False))
-
-    @staticmethod
-    def _evaluate(closure: Callable[[], Any] | None) -> Any:
-        """The closure's loss, computed with gradients enabled (None without a closure)."""
-        if closure is None:
-            return None
-        with torch.enable_grad():
-            return closure()
 
     @torch.compiler.disable(recursive=False, reason=_HANDOVER)
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -308,7 +136,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 self._init_group(group)
                 continue
             try:
-                self._check_layout_kept(group, self._rule(group), _real(params))
+                self.groups.check_layout_kept(group, self.groups.rule(group), real(params))
             except ValueError as e:
                 raise ValueError(f"{type(self).__name__}, param group {index}: {e}") from None
 
@@ -331,7 +159,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
     def _step(self, closure: Callable[[], Any] | None) -> Any:
         """The step, per param group through the rule (see ``step``)."""
-        loss = self._evaluate(closure)
+        loss = evaluate_closure(closure)
         differentiable = self.defaults.get("differentiable", False)
         with torch.set_grad_enabled(differentiable):
             jobs = [job for job in map(self._prepare, range(len(self.param_groups))) if job is not None]
@@ -339,16 +167,16 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 if differentiable:  # the step reads copies: the parameters' old values stay in the graph
                     prepared = _tree.replace(prepared, leaves=[v.clone() for v in prepared.leaves])
                 new_params, new_state = rule.run(prepared, state, donate=not differentiable, scratch=self._scratch(prepared))
-                views = _real(group["params"])
+                views = real(group["params"])
                 moved = [i for i in prepared.idx if new_params[i] is not views[i]]
                 if differentiable:  # recorded by autograd, which _foreach_copy_ is not
                     for i in moved:
                         views[i].copy_(new_params[i])
                 elif moved:  # a donated step updates the parameters in place already
                     torch._foreach_copy_(_tree.take(views, moved), _tree.take(new_params, moved))
-                self._store(group, rule, new_state)
+                self.groups.store(group, rule, new_state)
                 if not torch.compiler.is_compiling():
-                    self.__dict__.setdefault("_stepped_state", {})[id(group)] = (rule, self._state_entries(group))
+                    self.groups.remember(group, rule)
         return loss
 
     @torch.compiler.disable
@@ -356,11 +184,11 @@ class MemoryOptimizer(torch.optim.Optimizer):
         """The step through ``FlatSteps``, outside any traced frame: each group's ``Stepper``
         compiles its own graph. At the first such step the parameters become views into the flat
         buffers and the state entries views into the flat state, as for the compiled drop-ins."""
-        from memopt_func.compiled.optim import FlatSteps  # the speed package depends on this one
-
         steps = self.__dict__.get("_flat_steps")
         if steps is None:
-            steps = self.__dict__["_flat_steps"] = FlatSteps(self)
+            if _FLAT_STEPPING["factory"] is None:  # only if memopt_func.compiled failed to import
+                raise RuntimeError("torch.compile(opt.step) needs memopt_func.compiled, which is not imported")
+            steps = self.__dict__["_flat_steps"] = _FLAT_STEPPING["factory"](self)
         return steps.step(closure)
 
     def _scratch(self, prepared) -> Scratch | None:
@@ -373,24 +201,6 @@ class MemoryOptimizer(torch.optim.Optimizer):
             scratch = self.__dict__["_step_scratch"] = Scratch()
         return scratch
 
-    def _state_entries(self, group: dict[str, Any]) -> list[Any]:
-        """The group's parameters' shapes and dtypes, then every entry of their state."""
-        params = group["params"]
-        return [(p.shape, p.dtype) for p in params] + [v for p in params for v in self.state.get(p, {}).values()]
-
-    def _state_unchanged(self, group: dict[str, Any], rule: Rule) -> bool:
-        """Whether the group's state is, tensor for tensor, what this optimizer's last step of it
-        left under the same rule: then its layout needs no new check (the step made it so).
-        Loading a state_dict or putting any tensor into ``state`` makes it check again."""
-        if torch.compiler.is_compiling():
-            return False
-        last = self.__dict__.get("_stepped_state", {}).get(id(group))
-        if last is None or last[0] is not rule:
-            return False
-        now, then = self._state_entries(group), last[1]
-        n = len(group["params"])
-        return len(now) == len(then) and now[:n] == then[:n] and all(a is b for a, b in zip(now[n:], then[n:]))
-
     def _prepare(self, index: int):
         """A group's checked step (None when no parameter has a gradient): (group, rule,
         prepared inputs, state). Changes nothing."""
@@ -399,17 +209,17 @@ class MemoryOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         if all(g is None for g in grads):
             return None
-        views = _real(params)
+        views = real(params)
         try:
-            rule = self._rule(group)
+            rule = self.groups.rule(group)
             if self.state.get(params[0]):
-                self._check_layout_kept(group, rule, views)
-            state = self._group_state(group, rule, views, store=False)
+                self.groups.check_layout_kept(group, rule, views)
+            state = self.groups.state(group, rule, views, store=False)
             per_step = {name: group[name] for name in rule.dynamic_names()}
             chunk = self.cpu_chunk_numel if params[0].device.type == "cpu" else None
             grads = [None if g is None else (torch.view_as_real(g) if g.is_complex() else g) for g in grads]
             prepared = rule.prepare(
-                views, grads, state, chunk_numel=chunk, state_checked=self._state_unchanged(group, rule), **per_step
+                views, grads, state, chunk_numel=chunk, state_checked=self.groups.unchanged(group, rule), **per_step
             )
         except ValueError as e:
             raise ValueError(f"{type(self).__name__}, param group {index}: {e}") from None
@@ -420,9 +230,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
         (``_prepare_untraced``), so the first step compiles to the same graph as every later one.
         A bad value is left to the traced checks, which raise it."""
         try:
-            rule = self._rule(group)
+            rule = self.groups.rule(group)
             if not self.state.get(group["params"][0]):
-                self._store(group, rule, rule.init(_real(group["params"])))
+                self.groups.store(group, rule, rule.init(real(group["params"])))
         except ValueError:
             pass
 
@@ -430,14 +240,13 @@ class MemoryOptimizer(torch.optim.Optimizer):
         """As torch.optim: tensors move to their parameter's device; each entry takes the dtype a
         fresh state would have for that parameter (so integer counters stay integers and
         ``buffer_dtype`` buffers keep their dtype)."""
-        kept = (self.state, self.param_groups, self._stats_offset, self._laid_out)
+        kept = (self.state, self.param_groups, self._stats_offset, self.groups.laid_out, self.groups.stepped)
         self.state = type(self.state)(self.state.default_factory, self.state)
         try:
             self._load(state_dict)
         except Exception:
-            self.state, self.param_groups, self._stats_offset, self._laid_out = kept
+            self.state, self.param_groups, self._stats_offset, self.groups.laid_out, self.groups.stepped = kept
             raise
-        self.__dict__.pop("_stepped_state", None)  # the replaced state is checked, and no longer held
         self.__dict__.pop("_flat_steps", None)  # a later step under torch.compile adopts the loaded state
 
     def _load(self, state_dict: dict[str, Any]) -> None:
@@ -449,16 +258,16 @@ class MemoryOptimizer(torch.optim.Optimizer):
         groups = []
         for i, group in enumerate(state_dict["param_groups"]):
             group = checkpoint.upgrade_group(group, i, names, self.defaults, name)
-            self.RULE(**{n: _layout_value(group[n]) for n in names})
+            self.RULE(**{n: layout_value(group[n]) for n in names})
             groups.append({"differentiable": self.defaults["differentiable"], **group})
         super().load_state_dict({"state": {}, "param_groups": groups})
         self._stats_offset = {}
-        self._laid_out = {}
+        self.groups.forget()  # the replaced state is checked, and no longer held
         ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         for group in self.param_groups:
             params = group["params"]
-            rule = self._rule(group)
-            wanted = explode(self._template(group, rule, _real(params)), len(params), self._synced(rule))
+            rule = self.groups.rule(group)
+            wanted = explode(self.groups.template(group, rule, real(params)), len(params), self.groups.synced(rule))
             for p, want in zip(params, wanted):
                 pid = ids.pop(0)
                 if pid not in saved:
@@ -469,7 +278,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"state_dict entry for parameter {pid} lacks {missing}")
                 self.state[p] = {k: _entry(v, want.get(k), p.device) for k, v in entry.items()}
             if self.state.get(params[0]):
-                self._record_layout(group, rule)
+                self.groups.record_layout(group, rule)
             self._check_loaded(group, rule)
 
     def _check_loaded(self, group: dict[str, Any], rule: Rule) -> None:
@@ -478,7 +287,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if not self.state.get(params[0]):
             return
         try:
-            rule.check_state(self._group_state(group, rule, _real(params), store=False), _real(params))
+            rule.check_state(self.groups.state(group, rule, real(params), store=False), real(params))
         except (ValueError, KeyError, RuntimeError) as e:
             for p in params:
                 self.state.pop(p, None)
@@ -529,28 +338,13 @@ class MemoryOptimizer(torch.optim.Optimizer):
         self._stats_offset = {gi: self._admission_counts(g) for gi, g in enumerate(self.param_groups)}
 
 
-def _layout_value(value: Any) -> Any:
-    """A stand-in for a tensor hyperparameter when building a rule: every step passes the real
-    value, and reading the tensor here would sync (or break a torch.compile trace). 0.5 is
-    non-zero and valid for every per-step hyperparameter."""
-    if isinstance(value, (tuple, list)):
-        return tuple(_layout_value(v) for v in value)
-    return 0.5 if isinstance(value, Tensor) else value
-
-
-def _is_python_zero(value: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return tuple(_is_python_zero(v) for v in value)
-    # bool(): under torch.compile a float that changes is symbolic, and its comparison must be
-    # decided (a guard) before it goes into a key that is compared and hashed
-    return not isinstance(value, Tensor) and bool(value == 0)
-
-
-
-def _real(params: list[Tensor]) -> list[Tensor]:
-    """The parameters as the rules see them: a complex tensor as its real view ``[..., 2]`` (as
-    torch.optim's Adam, SGD and RMSprop step complex parameters)."""
-    return [torch.view_as_real(p) if p.is_complex() else p for p in params]
+def evaluate_closure(closure: Callable[[], Any] | None) -> Any:
+    """The closure's loss, computed with gradients enabled (None without a closure), as
+    torch.optim's steps compute it."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def _entry(value: Any, want: Tensor | None, device: torch.device) -> Any:
@@ -561,16 +355,6 @@ def _entry(value: Any, want: Tensor | None, device: torch.device) -> Any:
     if not isinstance(value, Tensor):
         return torch.tensor(value, dtype=want.dtype, device=device).reshape(want.shape)
     return value.to(device=device, dtype=want.dtype)
-
-
-def _hyper_values(group: dict[str, Any], rule: Rule) -> dict[str, Any]:
-    return {h.name: group[h.name] for h in rule.HYPERS}
-
-
-def _layout(rule: Rule, params: list[Tensor]) -> list:
-    """The shapes and dtypes of a fresh state of rule over params (made on the meta device)."""
-    state = rule._fresh(_tree.meta_like(params))
-    return [(tuple(t.shape), t.dtype) for t in pytree.tree_leaves(state)]
 
 
 class Adam_CM(MemoryOptimizer):

@@ -14,11 +14,14 @@ from torch import Tensor
 
 from . import _hyper as H
 from . import _math as M
-from . import _tree
+from . import _tree, schema
 from ._rule import Rule, advance, new_steps
 from .sgd import check_momentum_kept
 
 
+@schema.declare(
+    step=schema.step(), square_avg=schema.moment("square"), momentum_buffer=schema.moment("signed"), grad_avg=schema.moment("signed")
+)
 class RMSpropState(NamedTuple):
     """RMSprop's state: a step counter per leaf, the squared average (the plain average when centered, a momentum buffer with momentum) per leaf."""
 

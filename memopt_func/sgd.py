@@ -13,11 +13,12 @@ from torch import Tensor
 
 from . import _hyper as H
 from . import _math as M
-from . import _tree
+from . import _tree, schema
 from . import critical_buffer as cb
 from ._rule import Rule, advance, new_steps
 
 
+@schema.declare(step=schema.step(), momentum_buffer=schema.moment("signed"))
 class SGDState(NamedTuple):
     """SGD's state: a step counter per leaf and, with momentum, a momentum buffer per leaf."""
 

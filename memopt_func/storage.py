@@ -35,38 +35,17 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from . import _tree
+from . import _tree, schema
 from ._counter_hash import salt as _salt
 from ._counter_hash import uniform_salted
 
 FLOAT_STORAGE = (torch.float32, torch.bfloat16, torch.float16)
 ROUNDINGS = ("stochastic", "nearest")
 
-#: The moment fields ``state_dtype`` governs, by kind: ``signed`` or never negative (``square``).
-MOMENTS = {
-    "exp_avg": "signed",
-    "exp_avg_slow": "signed",
-    "momentum_buffer": "signed",
-    "grad_avg": "signed",
-    "exp_avg_sq": "square",
-    "max_exp_avg_sq": "square",
-    "square_avg": "square",
-}
-#: Each stored field's random stream id (SPEC.md, "Random streams"): a constant written here, never
-#: a position in a list, so that a new field moves no existing stream and a resume across versions
-#: draws the same bits. Below 64 (``_stream`` packs it beside the tensor's position); a new field
-#: takes the next unused number, and a retired one's number is never reused.
-STREAM_ID = {
-    "exp_avg": 0,
-    "exp_avg_slow": 1,
-    "momentum_buffer": 2,
-    "grad_avg": 3,
-    "exp_avg_sq": 4,
-    "max_exp_avg_sq": 5,
-    "square_avg": 6,
-    "buf": 7,
-    "params": 8,
-}
+#: Each declared moment field's 8-bit code kind, by name, and each stored field's random stream
+#: id: both stated once, in ``schema`` (``MOMENTS`` fills as the state types are declared).
+MOMENTS = schema.MOMENTS
+STREAM_ID = schema.STREAM_ID
 
 #: Tensors smaller than this stay at full precision under 8-bit storage.
 MIN_QUANTIZED = 4096
@@ -410,10 +389,10 @@ class Storage:
         """A fresh (all-zero) state as stored."""
         if not self.active:
             return state
-        return _map_fields(state, lambda name, i, v: self._fresh_entry(name, v, leaves[i]), _critical_sums(self, leaves))
+        return _map_fields(state, lambda name, f, i, v: self._fresh_entry(f, v, leaves[i]), _critical_sums(self, leaves))
 
-    def _fresh_entry(self, name: str, v: Tensor, p: Tensor) -> Any:
-        if name == "buf":
+    def _fresh_entry(self, f: schema.Field, v: Tensor, p: Tensor) -> Any:
+        if f.role == schema.SLOTS:
             if not self.buffer_int8:
                 return v
             if quantizes(p):
@@ -424,7 +403,7 @@ class Storage:
             return v.to(p.dtype)  # too small to gain: slots as with buffer_dtype=None
         stored = self._stored(p)
         if stored == "int8":
-            kind = MOMENTS[name]
+            kind = f.kind
             codes, absmax = quantized_shape(v.shape, kind)
             return Quantized(
                 torch.zeros(codes, dtype=_CODE_DTYPE[kind], device=v.device), torch.zeros(absmax, device=v.device)
@@ -439,21 +418,20 @@ class Storage:
         grads = [g if g.dtype == d else g.to(d) for g, d in zip(grads, dtypes)]
         where = dict(zip(idx, range(len(idx))))
 
-        def entry(name: str, i: int, v: Any) -> Any:
+        def entry(name: str, f: schema.Field, i: int, v: Any) -> Any:
             if i not in where:
                 return v
             d = dtypes[where[i]]
             if isinstance(v, Quantized):
                 shape = params[where[i]].shape
-                if name == "buf":
-                    return load_codes(v, "signed", (v.codes.shape[0], *shape), d, lead=1)
-                return load_codes(v, MOMENTS[name], shape, d)
-            if name == "buf" or v.dtype == d:
+                if f.role == schema.SLOTS:
+                    return load_codes(v, f.kind, (v.codes.shape[0], *shape), d, lead=1)
+                return load_codes(v, f.kind, shape, d)
+            if f.role == schema.SLOTS or v.dtype == d:
                 return v
             return v.to(d)
 
-        state = _map_fields(state, entry)
-        return params, grads, _exact_sums(state, idx)
+        return params, grads, _map_fields(state, entry)
 
     def encode(self, new_params, new_state, params, state, idx, donate: bool):
         """The stepped values stored: ``new_params``/``new_state`` at compute precision (present
@@ -461,26 +439,25 @@ class Storage:
         step = new_state.step
         where = dict(zip(idx, range(len(idx))))
 
-        def entry(name: str, i: int, new: Any, old: Any) -> Any:
+        def entry(name: str, f: schema.Field, i: int, new: Any, old: Any) -> Any:
             if i not in where:
                 return old
             t = step[i]
             if isinstance(old, Quantized):
-                if name == "buf":
+                if f.role == schema.SLOTS:
                     out = _requantize_slots(old, new)
                 else:
-                    kind = MOMENTS[name]
-                    out = store_codes(new, kind, self.seed, t, name, where[i], self.stochastic)
+                    out = store_codes(new, f.kind, self.seed, t, name, where[i], self.stochastic)
                 return _into(old, out) if donate else out
-            if name == "buf" or new.dtype == old.dtype:
+            if f.role == schema.SLOTS or new.dtype == old.dtype:
                 return new  # not narrowed: the update wrote it as the rule does (in place when donated)
-            if name == "buf_sum":  # an 8-bit buffer's sum, recomputed from its slots every step
+            if f.role == schema.SLOT_SUM:  # an 8-bit buffer's sum, recomputed from its slots every step
                 out = new.to(old.dtype)
             else:
                 out = store_float(new, old.dtype, self.seed, t, name, where[i], self.stochastic)
             return old.copy_(out) if donate else out
 
-        stored_state = _stored_sums(_map_pairs(new_state, state, entry), idx, donate)
+        stored_state = _map_pairs(new_state, state, entry)
         out_params = []
         for j, i in enumerate(idx):
             new, old = new_params[j], params[j]
@@ -519,92 +496,45 @@ def _critical_sums(storage: Storage, leaves: Sequence[Tensor]):
     """buf_sum's stored dtype per leaf: an 8-bit buffer's sum is recomputed from its slots every
     step, and stored at compute precision; otherwise float64 as the buffer keeps it."""
 
-    def fix(name: str, i: int, v: Tensor) -> Tensor:
-        if name == "buf_sum" and storage.buffer_int8 and quantizes(leaves[i]):
+    def fix(name: str, f: schema.Field, i: int, v: Tensor) -> Tensor:
+        if f.role == schema.SLOT_SUM and storage.buffer_int8 and quantizes(leaves[i]):
             return v.to(compute_dtype(leaves[i].dtype))
         return v
 
     return fix
 
 
-def _sums_from_slots(crit: NamedTuple, idx: Sequence[int], slots_of) -> list[Tensor | None]:
-    """Per leaf: ``buf_sum`` summed afresh in float64 from ``slots_of(i)`` (the slots at compute
-    precision), for the leaves in idx where ``slots_of(i)`` gives slots; None elsewhere."""
-    from .critical_buffer import slot_sum
-
-    top_c = crit.keys.shape[1]
-    synced = crit.keys.shape[0] == 1
-    out: list[Tensor | None] = [None] * len(crit.buf_sum)
-    for i in idx:
-        slots = slots_of(i)
-        if slots is not None:
-            out[i] = slot_sum(slots, crit.count[0] if synced else crit.count[i], top_c, torch.float64)
-    return out
-
-
-def _exact_sums(state: NamedTuple, idx: Sequence[int]) -> NamedTuple:
-    """A critical state whose decoded 8-bit slots carry a buf_sum summed afresh from them (in float64)."""
-    crit = getattr(state, "critical", None)
-    if crit is None or not any(s.dtype != torch.float64 for s in crit.buf_sum):
-        return state
-    fresh = _sums_from_slots(crit, idx, lambda i: crit.buf[i] if crit.buf_sum[i].dtype != torch.float64 else None)
-    sums = tuple(old if new is None else new for old, new in zip(crit.buf_sum, fresh))
-    return _tree.replace(state, critical=_tree.replace(crit, buf_sum=sums))
-
-
-def _stored_sums(state: NamedTuple, idx: Sequence[int], donate: bool) -> NamedTuple:
-    """The state with each 8-bit buffer's stored buf_sum equal to the sum of its stored slots
-    (the step's own sum has the written value before it was quantized)."""
-    crit = getattr(state, "critical", None)
-    if crit is None or not any(isinstance(b, Quantized) for b in crit.buf):
-        return state
-    top_c = crit.keys.shape[1]
-
-    def stored_slots(i: int) -> Tensor | None:
-        b, total = crit.buf[i], crit.buf_sum[i]
-        return load_codes(b, "signed", (top_c, *total.shape), torch.float64, lead=1) if isinstance(b, Quantized) else None
-
-    sums = list(crit.buf_sum)
-    for i, total in enumerate(_sums_from_slots(crit, idx, stored_slots)):
-        if total is not None:
-            total = total.to(sums[i].dtype)
-            sums[i] = sums[i].copy_(total) if donate else total
-    return _tree.replace(state, critical=_tree.replace(crit, buf_sum=tuple(sums)))
-
-
-def _is_node(v: Any) -> bool:
-    return isinstance(v, tuple) and hasattr(v, "_fields") and not isinstance(v, Quantized)
-
-
 def _map_fields(state: Any, fn, after=None) -> Any:
-    """The state with ``fn(field, leaf index, entry)`` applied to each per-leaf entry of the
-    moment fields and ``buf`` (and ``after`` to every per-leaf entry after that)."""
+    """The state with ``fn(field, declaration, leaf index, entry)`` applied to each per-leaf entry
+    of the stored fields (moments and slots), and ``after`` to every per-leaf entry after that."""
     if state is None:
         return None
     fields = {}
-    for name in state._fields:
+    for name, f in schema.of(state).items():
         v = getattr(state, name)
-        if _is_node(v):
+        if f.role == schema.NESTED:
             v = _map_fields(v, fn, after)
-        elif isinstance(v, tuple) and (name in MOMENTS or name == "buf"):
-            v = tuple(fn(name, i, e) for i, e in enumerate(v))
-        if after is not None and isinstance(v, tuple) and not _is_node(v):
-            v = tuple(after(name, i, e) for i, e in enumerate(v))
+        elif isinstance(v, tuple):
+            if f.role in (schema.MOMENT, schema.SLOTS):
+                v = tuple(fn(name, f, i, e) for i, e in enumerate(v))
+            if after is not None:
+                v = tuple(after(name, f, i, e) for i, e in enumerate(v))
         fields[name] = v
     return type(state)(**fields)
 
 
 def _map_pairs(new: Any, old: Any, fn) -> Any:
-    """``fn(field, leaf index, new entry, old entry)`` over the stored fields (and buf_sum)."""
+    """``fn(field, declaration, leaf index, new entry, old entry)`` over the stored fields (and
+    the slot sums)."""
     if new is None:
         return None
     fields = {}
-    for name in new._fields:
+    for name, f in schema.of(new).items():
         v, w = getattr(new, name), getattr(old, name)
-        if _is_node(v):
+        if f.role == schema.NESTED:
             v = _map_pairs(v, w, fn)
-        elif isinstance(v, tuple) and (name in MOMENTS or name in ("buf", "buf_sum")):
-            v = tuple(fn(name, i, a, b) for i, (a, b) in enumerate(zip(v, w)))
+        elif isinstance(v, tuple) and f.role in (schema.MOMENT, schema.SLOTS, schema.SLOT_SUM):
+            v = tuple(fn(name, f, i, a, b) for i, (a, b) in enumerate(zip(v, w)))
         fields[name] = v
     return type(new)(**fields)
 

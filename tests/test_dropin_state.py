@@ -308,7 +308,7 @@ def test_state_changed_by_hand_between_steps_is_checked_again(name):
     opt = dropin(name)(model.parameters(), lr=1e-2)
     rule_checks = []
     train(model, opt, 0, 2)
-    rule = next(iter(opt._rules.values()))
+    rule = next(iter(opt.groups.rules.values()))
     original = rule.check_state
     rule.check_state = lambda state, params: (rule_checks.append(1), original(state, params))[1]
     train(model, opt, 2, 4)

@@ -307,7 +307,7 @@ def test_non_structural_change_is_applied():
     opt.param_groups[0]["aggr"] = "mean"
     opt.param_groups[0]["kappa"] = 0.5
     opt.step()
-    assert opt._rule(opt.param_groups[0]).hyper["aggr"] == "mean"
+    assert opt.groups.rule(opt.param_groups[0]).hyper["aggr"] == "mean"
 
 
 def test_a_state_dict_of_another_rule_is_refused_naming_both():

@@ -15,7 +15,8 @@ import torch
 
 from memopt_func import _tree, sharding
 from memopt_func import optim as eager
-from memopt_func.optim import _ROW_FIELDS, MemoryOptimizer, assemble, explode
+from memopt_func.groups import assemble, explode, row_keys
+from memopt_func.optim import MemoryOptimizer
 
 from .stepper import Stepper
 
@@ -35,21 +36,22 @@ class FlatSteps:
         stepped and keeps its own state); made afresh, adopting the group's state, when the rule
         or the set of trainable parameters changes."""
         opt = self.opt
-        rule = opt._rule(group)
+        rule = opt.groups.rule(group)
         params = group["params"]
         trainable = [i for i, p in enumerate(params) if p.requires_grad] or list(range(len(params)))
         stepped = [params[i] for i in trainable]
         stepper = self.steppers.get(index)
-        if stepper is not None and stepper.rule is rule and stepper._leaves == stepped:
+        if stepper is not None and stepper.rule is rule and stepper.leaves == stepped:
             return stepper
-        synced = opt._synced(rule)
+        synced = opt.groups.synced(rule)
         if not opt.state.get(params[0]):  # its layout is now fixed (``_check_layout_kept``)
-            opt._record_layout(group, rule)
-        dicts = explode(opt._group_state(group, rule, store=False), len(params), synced)
+            opt.groups.record_layout(group, rule)
+        dicts = explode(opt.groups.state(group, rule, store=False), len(params), synced)
         chosen = [dict(dicts[i]) for i in trainable]
+        template = opt.groups.template(group, rule, stepped)
         if synced:  # the group's key rows live with its first parameter
-            chosen[0].update({k: v for k, v in dicts[0].items() if k.startswith("critical_") and k[9:] in _ROW_FIELDS})
-        state = assemble(opt._template(group, rule, stepped), chosen, synced)
+            chosen[0].update({k: dicts[0][k] for k in row_keys(template) if k in dicts[0]})
+        state = assemble(template, chosen, synced)
         stepper = Stepper(rule, stepped, state=state, flat=self.flat, cuda_graph=self.cuda_graph)
         self.steppers[index] = stepper
         for p, entry in zip(params, dicts):
@@ -60,13 +62,13 @@ class FlatSteps:
     def adopt(self, group: dict[str, Any], stepper: Stepper) -> None:
         """Point the per-parameter state entries at the stepper's live state."""
         opt = self.opt
-        params, synced = group["params"], opt._synced(stepper.rule)
-        stepped = stepper._leaves
+        params, synced = group["params"], opt.groups.synced(stepper.rule)
+        stepped = stepper.leaves
         entries = explode(stepper.per_tensor_state(), len(stepped), synced)
         for p, entry in zip(stepped, entries):
             opt.state[p] = entry
         if synced and stepped[0] is not params[0]:
-            rows = {k: entries[0].pop(k) for k in list(entries[0]) if k.startswith("critical_") and k[9:] in _ROW_FIELDS}
+            rows = {k: entries[0].pop(k) for k in row_keys(stepper.per_tensor_state()) if k in entries[0]}
             opt.state[params[0]] = {**opt.state[params[0]], **rows}
 
     def check(self, index: int, group: dict[str, Any]) -> bool:
@@ -79,7 +81,7 @@ class FlatSteps:
         if all(g is None for g in grads):
             return False
         try:
-            rule = opt._rule(group)
+            rule = opt.groups.rule(group)
         except ValueError as e:
             raise ValueError(f"{name}, param group {index}: {e}") from None
         for i, p in enumerate(params):
@@ -90,11 +92,11 @@ class FlatSteps:
                 )
         try:
             if opt.state.get(params[0]):
-                opt._check_layout_kept(group, rule, list(params))
+                opt.groups.check_layout_kept(group, rule, list(params))
             stepper = self.steppers.get(index)
             if stepper is None or not stepper.grads_in_place(params):
                 _tree.check_grad_leaves(grads, params)
-            rule._resolve({name: group[name] for name in rule.dynamic_names()})
+            rule.resolve({name: group[name] for name in rule.dynamic_names()})
         except ValueError as e:
             raise ValueError(f"{name}, param group {index}: {e}") from None
         return True
@@ -104,7 +106,7 @@ class FlatSteps:
         """One compiled step of every param group; a parameter without a gradient is skipped as
         torch.optim skips it. Every group is checked before any group moves."""
         opt = self.opt
-        loss = opt._evaluate(closure)
+        loss = eager.evaluate_closure(closure)
         if opt.defaults.get("differentiable"):
             raise ValueError(f"{type(opt).__name__}: differentiable=True needs the eager drop-in (compiled steps write in place)")
         stepping = [i for i, group in enumerate(opt.param_groups) if self.check(i, group)]
@@ -191,5 +193,7 @@ def compile_optimizer(opt: MemoryOptimizer, *, flat: bool | None = None, cuda_gr
     twin.load_state_dict(opt.state_dict())
     return twin
 
+
+eager.use_flat_stepping(FlatSteps)
 
 __all__ = ["CompiledOptimizer", "FlatSteps", "compile_optimizer", "Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix"]

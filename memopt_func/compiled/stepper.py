@@ -19,9 +19,9 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from memopt_func import _tree, checkpoint, sharding
+from memopt_func import _tree, checkpoint, schema, sharding
 from memopt_func import critical_buffer as cb
-from memopt_func.optim import explode
+from memopt_func.groups import explode
 from memopt_func._rule import Rule
 
 from . import cpu_codegen
@@ -33,9 +33,9 @@ def _needs_per_tensor(rule: Rule) -> str | None:
     (synced=False) keeps one decision per tensor; 8-bit state is quantized in blocks of one tensor."""
     if "synced" in rule.hyper and not rule.hyper["synced"] and rule.hyper["kappa"] != 0 and rule.hyper["topC"] > 0:
         return "needs synced=True (or no buffer): a per-tensor critical buffer cannot be flattened"
-    if rule._storage.quantizes:
+    if rule.storage.quantizes:
         return "does not take 8-bit state (torch.int8 state_dtype or buffer_dtype), which is quantized tensor by tensor"
-    if rule._storage.draws:
+    if rule.storage.draws:
         return "does not take stochastic rounding, whose draws are made per tensor element (use rounding='nearest')"
     return None
 
@@ -47,31 +47,18 @@ def _map_state(state: NamedTuple, per_leaf, step) -> NamedTuple:
 
     def convert(node: Any) -> Any:
         fields = {}
-        for field in node._fields:
+        for field, f in schema.of(node).items():
             value = getattr(node, field)
-            if isinstance(value, tuple) and hasattr(value, "_fields"):
-                value = convert(value)
+            if f.role == schema.NESTED:
+                value = None if value is None else convert(value)
             elif isinstance(value, tuple) and value:
-                value = tuple(per_leaf(value, 1 if field == "buf" else 0))
-            elif field == "step":
+                value = tuple(per_leaf(value, 1 if f.role == schema.SLOTS else 0))
+            elif f.role == schema.STEP:
                 value = step(value)
             fields[field] = value
         return type(node)(**fields)
 
     return convert(state)
-
-
-def _map_buffers(state: NamedTuple, fn) -> NamedTuple:
-    """The state with every critical buffer state mapped by fn."""
-    fields = {}
-    for field in state._fields:
-        value = getattr(state, field)
-        if isinstance(value, cb.CriticalBufferState):
-            value = fn(value)
-        elif isinstance(value, tuple) and hasattr(value, "_fields"):
-            value = _map_buffers(value, fn)
-        fields[field] = value
-    return type(state)(**fields)
 
 
 def flat_state(state: NamedTuple, layout: FlatLayout) -> NamedTuple:
@@ -184,7 +171,7 @@ class Stepper:
             if not _slots_on_host(leaves[0].device):
                 # A sink row after each critical buffer's slots takes the refused elements (see
                 # critical_buffer.write): the slot write then needs no temporary under Inductor.
-                state = _map_buffers(state, cb.with_sink)
+                state = cb.map_buffers(state, cb.with_sink)
         else:
             self.layout = None
             self._step_params = [t.detach() for t in leaves]
@@ -239,6 +226,11 @@ class Stepper:
         return pytree.tree_unflatten(out, self._spec)
 
     @property
+    def leaves(self) -> list[Tensor]:
+        """The tensors this stepper steps, in order (the parameters it was given that it steps)."""
+        return self._leaves
+
+    @property
     def stepped(self) -> list[int]:
         """Positions (among the flattened params) of the tensors this stepper steps; the others
         are frozen (``requires_grad=False`` beside tensors that require grad) and never touched."""
@@ -247,7 +239,7 @@ class Stepper:
     @property
     def state(self) -> NamedTuple:
         """The live state, laid out as the rule's own (flat when flat): tensors the steps update."""
-        return _map_buffers(self._step_state, cb.without_sink) if self.flat else self._step_state
+        return cb.map_buffers(self._step_state, cb.without_sink) if self.flat else self._step_state
 
     def per_tensor_state(self) -> NamedTuple:
         """The state as one entry per tensor (views into the flat state when flat)."""
@@ -306,7 +298,7 @@ class Stepper:
         """Set per-step hyperparameters (floats or 0-d tensors) for the following steps."""
         if all(_same_number(self._numbers.get(name), value) for name, value in per_step.items()):
             return  # the numbers the step tensors already hold (checked when they were set)
-        self.rule._resolve(per_step)  # validates names and values
+        self.rule.resolve(per_step)  # validates names and values
         for name, value in per_step.items():
             self._numbers[name] = value if _same_number(value, value) else None
             old = self._hyper[name]
@@ -370,7 +362,7 @@ class Stepper:
         given = self._given_grads(grads)
         _tree.flatten_grads(given, pytree.tree_structure(list(self._leaves)), self._leaves)
         if per_step:
-            self.rule._resolve(per_step)
+            self.rule.resolve(per_step)
 
     def _load_grads(self, grads: Any) -> list[Tensor | None]:
         given = self._given_grads(grads)
@@ -397,7 +389,7 @@ class Stepper:
         other as inputs of the compiled step; the rest stay views of the flat storage), and the
         per-tensor step compiles once for each pattern of missing gradients."""
         state = _per_tensor_steps(self.state, self.layout)
-        self._step_state = _map_buffers(state, lambda c: _tree.replace(c, buf=tuple(_own(b) for b in c.buf)))
+        self._step_state = cb.map_buffers(state, lambda c: _tree.replace(c, buf=tuple(_own(b) for b in c.buf)))
         self._step_params = [t.detach() for t in self._leaves]
         self.flat, self.layout, self._grads, self._grad_views, self._segments = False, None, None, None, None
         self.cuda_graph, self._graph = False, None

@@ -375,8 +375,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "adx-bias-beta", "memopt_func/ademamix.py",
-        "u = M.scale(m1, M.per_leaf(1 / (1 - b1**t), grads, operand=True))",
-        "u = M.scale(m1, M.per_leaf(1 / (1 - b2**t), grads, operand=True))",
+        "u = M.scale(m1, M.per_leaf(1 / (1 - M.power(b1, t)), grads, operand=True))",
+        "u = M.scale(m1, M.per_leaf(1 / (1 - M.power(b2, t)), grads, operand=True))",
         "AdEMAMix corrects m1 with b2 instead of b1",
         "gap: m1 / (1 - b1**t)",
     ),
@@ -413,8 +413,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "math-bc2-sqrt", MATH,
-        "bc2_sqrt = torch.sqrt(1 - b2**t)",
-        "bc2_sqrt = 1 - b2**t",
+        "bc2_sqrt = torch.sqrt(1 - power(b2, t))",
+        "bc2_sqrt = 1 - power(b2, t)",
         "second-moment bias correction without the square root",
         "gap: denom = sqrt(v)/sqrt(1 - b2**t) + eps",
     ),
@@ -427,7 +427,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "math-no-bc1", MATH,
-        "per_leaf(-(lr / (1 - b1**t)), num, operand=True)",
+        "per_leaf(-(lr / (1 - power(b1, t))), num, operand=True)",
         "per_leaf(-(lr + 0 * t), num, operand=True)",
         "first-moment bias correction dropped",
         "gap: step size lr / (1 - b1**t)",
@@ -488,7 +488,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "st-no-sink", STEPPER,
-        "                state = _map_buffers(state, cb.with_sink)\n",
+        "                state = cb.map_buffers(state, cb.with_sink)\n",
         "                pass\n",
         "the flat stepper's buffers carry no sink row",
         "equivalent: write() then reads the slot row and writes it back where refused; same numbers, one leaf-sized temporary more",
@@ -551,7 +551,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "opt-recipe-flat-layout-unknown", "memopt_func/compiled/optim.py",
-        "            opt._record_layout(group, rule)",
+        "            opt.groups.record_layout(group, rule)",
         "            pass",
         "flat steppers do not record the layout their first step made, so a changed topC goes unchecked",
         "gap: the recipe (and a compiled drop-in) refuses a layout change as eager does",
@@ -624,7 +624,7 @@ MUTANTS: list[Mutant] = [
         tests="chunked",
     ),
     Mutant(
-        "opt-state-never-rechecked", "memopt_func/optim.py",
+        "opt-state-never-rechecked", "memopt_func/groups.py",
         "        return len(now) == len(then) and now[:n] == then[:n] and all(a is b for a, b in zip(now[n:], then[n:]))",
         "        return True",
         "after its first steps a drop-in never checks its state again, whatever is put into it",
@@ -633,7 +633,7 @@ MUTANTS: list[Mutant] = [
     ),
     # ------------------------------------------------------------------ storage: random streams
     Mutant(
-        "st-stream-field-shared", STORAGE,
+        "st-stream-field-shared", "memopt_func/schema.py",
         '    "buf": 7,',
         '    "buf": 0,',
         "the critical slots draw exp_avg's stream (a field id that is a position would move like this)",
@@ -641,7 +641,7 @@ MUTANTS: list[Mutant] = [
         tests="checkpoint",
     ),
     Mutant(
-        "st-stream-renumbered", STORAGE,
+        "st-stream-renumbered", "memopt_func/schema.py",
         '    "exp_avg_sq": 4,',
         '    "exp_avg_sq": 9,',
         "a moment's stream id moves (as a new field inserted before it in a list would move it)",
