@@ -18,7 +18,7 @@ SPEC.md in the project defines the exact numbers each rule computes. Speed machi
 (torch.compile, CUDA graphs, flat buffers) lives in the subpackage ``memopt_func.compiled``.
 """
 
-from . import optim, rules
+from . import optim, registry, rules
 from .optim import AdEMAMix, Adam_C, Adam_CM, MemoryOptimizer, RMSprop_C, SGD_C, from_rule
 from ._scratch import Scratch
 from .rules import RULES, Rule
@@ -27,3 +27,10 @@ from . import compiled  # noqa: E402,F401  (registers the flat stepping torch.co
 __all__ = ["optim", "rules", "RULES", "Rule", "Scratch", "MemoryOptimizer", "from_rule", "Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix"]
 
 __version__ = "0.2.0"
+
+
+def __getattr__(name: str):
+    """The drop-in of a registered optimizer (``memopt_func.registry``) by its name."""
+    if name in registry.NAMED:
+        return getattr(optim, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

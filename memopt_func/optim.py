@@ -16,15 +16,10 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from . import _tree, checkpoint, sharding
+from . import _tree, checkpoint, registry, sharding
 from ._rule import Rule
 from ._scratch import Scratch
 from .groups import GroupStates, assemble, explode, layout_value, real
-from .adam_c import Adam_C as _AdamCRule
-from .adam_cm import Adam_CM as _AdamCMRule
-from .ademamix import AdEMAMix as _AdEMAMixRule
-from .rmsprop_c import RMSprop_C as _RMSpropCRule
-from .sgd_c import SGD_C as _SGDCRule
 
 # The eval-frame callback that an enclosing torch.compile installs (None outside one), read from a
 # frame that Dynamo does not trace (``MemoryOptimizer.step``), where ``is_compiling()`` is False.
@@ -65,6 +60,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        named = registry.NAMED.get(cls.__name__)
+        if named is not None and "RULE" not in cls.__dict__ and not hasattr(cls, "RULE"):
+            cls.RULE, cls.POSITIONAL = named.rule, named.positional  # a registered optimizer's drop-in
         if not hasattr(cls, "RULE"):
             return  # an abstract mixin such as compiled.CompiledOptimizer
         defaults = {h.name: h.default for h in cls.RULE.HYPERS}
@@ -357,60 +355,58 @@ def _entry(value: Any, want: Tensor | None, device: torch.device) -> Any:
     return value.to(device=device, dtype=want.dtype)
 
 
+# The registered optimizers' drop-ins (``memopt_func.registry`` gives each its rule and positional
+# order). Written out for readers and static tools; a registered one without a line here is made
+# on first use (``optimizer_class``, or the module's ``__getattr__``).
+
+
 class Adam_CM(MemoryOptimizer):
     """Adam with critical momenta; the published ``cmoptimizer`` signature (SPEC.md, "Adam_CM")."""
-
-    RULE = _AdamCMRule
-    POSITIONAL = ("lr", "betas", "eps", "decay", "kappa", "topC", "weight_decay", "amsgrad", "critical_test", "synced", "buffer_dtype")
 
 
 class Adam_C(MemoryOptimizer):
     """Adam with critical gradients; the published ``cmoptimizer`` signature (SPEC.md, "Adam_C")."""
 
-    RULE = _AdamCRule
-    POSITIONAL = Adam_CM.POSITIONAL
-
 
 class RMSprop_C(MemoryOptimizer):
     """RMSprop with critical gradients; the published ``cmoptimizer`` signature (SPEC.md, "RMSprop_C")."""
-
-    RULE = _RMSpropCRule
-    POSITIONAL = (
-        "lr", "alpha", "eps", "weight_decay", "momentum", "centered",
-        "decay", "kappa", "topC", "critical_test", "synced", "buffer_dtype",
-    )
 
 
 class SGD_C(MemoryOptimizer):
     """SGD with critical gradients; the published ``cmoptimizer`` signature (SPEC.md, "SGD_C")."""
 
-    RULE = _SGDCRule
-    POSITIONAL = ("lr", "kappa", "dampening", "weight_decay", "momentum", "decay", "topC", "critical_test", "synced", "buffer_dtype")
-
 
 class AdEMAMix(MemoryOptimizer):
     """AdEMAMix; the signature of the paper's PyTorch reference (SPEC.md, "AdEMAMix")."""
 
-    RULE = _AdEMAMixRule
-    POSITIONAL = ("lr", "betas", "alpha", "beta3_warmup", "alpha_warmup", "eps", "weight_decay")
 
-
-_FROM_RULE: dict[type[Rule], type[MemoryOptimizer]] = {}
+_FROM_RULE: dict[type[Rule], type[MemoryOptimizer]] = {
+    cls.RULE: cls for cls in (Adam_CM, Adam_C, RMSprop_C, SGD_C, AdEMAMix)
+}
 
 
 def optimizer_class(rule_cls: type[Rule]) -> type[MemoryOptimizer]:
-    """The drop-in optimizer class of a rule class (the named drop-in where the package has one)."""
-    for named in (Adam_CM, Adam_C, RMSprop_C, SGD_C, AdEMAMix):
-        if named.RULE is rule_cls:
-            return named
+    """The drop-in optimizer class of a rule class: a registered optimizer's (named as it is,
+    with its positional order), else ``<Rule>Optimizer`` taking every hyperparameter by keyword
+    or in the rule's order."""
     cls = _FROM_RULE.get(rule_cls)
     if cls is None:
-        cls = _FROM_RULE[rule_cls] = type(
-            f"{rule_cls.__name__}Optimizer",
-            (MemoryOptimizer,),
-            {"RULE": rule_cls, "__doc__": f"Drop-in optimizer over the rule {rule_cls.__name__}.", "__module__": __name__},
-        )
+        named = registry.NAMED.get(rule_cls.__name__)
+        if named is not None and named.rule is rule_cls:
+            body = {"__doc__": named.doc, "__module__": __name__}
+            cls = type(named.name, (MemoryOptimizer,), body)
+        else:
+            body = {"RULE": rule_cls, "__doc__": f"Drop-in optimizer over the rule {rule_cls.__name__}.", "__module__": __name__}
+            cls = type(f"{rule_cls.__name__}Optimizer", (MemoryOptimizer,), body)
+        _FROM_RULE[rule_cls] = cls
     return cls
+
+
+def __getattr__(name: str) -> type[MemoryOptimizer]:
+    """The drop-in of a registered optimizer without a class statement above, by its name."""
+    if name in registry.NAMED:
+        return optimizer_class(registry.NAMED[name].rule)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def from_rule(params: Iterable, rule: Rule, *, differentiable: bool = False) -> MemoryOptimizer:

@@ -6,6 +6,7 @@
 
 import torch
 
+from . import registry
 from ._critical import CriticalState, critical_class, register_critical, with_critical_buffer
 from ._rule import Rule
 from .adam import Adam, AdamState, AdamW
@@ -24,10 +25,17 @@ for _base, _critical in ((Adam, Adam_C), (RMSprop, RMSprop_C), (SGD, SGD_C)):
 # States are NamedTuples of tensors: let torch.load(..., weights_only=True) rebuild them.
 torch.serialization.add_safe_globals([AdamState, SGDState, RMSpropState, AdEMAMixState, CriticalState, CriticalBufferState])
 
-RULES: dict[str, type[Rule]] = {
-    cls.__name__: cls for cls in (Adam, AdamW, SGD, RMSprop, Adam_C, RMSprop_C, SGD_C, Adam_CM, AdEMAMix)
-}
-"""The package's rule classes by name."""
+RULES = registry.RULES
+"""The package's rule classes by name (``memopt_func.registry``: torch.optim's four, then every
+registered optimizer's)."""
+
+
+def __getattr__(name: str):
+    """A registered rule without a line above (``registry.register``) by its name."""
+    if name in registry.NAMED:
+        return registry.NAMED[name].rule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Rule",

@@ -15,6 +15,7 @@ import torch
 import torch.utils._pytree as pytree
 from hypothesis import strategies as st
 
+from memopt_func._critical import CriticalRule
 from memopt_func.rules import RULES, critical_class
 
 # SPEC.md section 8.3: ``rules.with_critical_buffer(base, **critical)`` puts a critical buffer
@@ -27,10 +28,12 @@ COMBINED_RULES = tuple(COMBINED_BASE)
 # The hyperparameters ``with_critical_buffer`` takes; everything else is the base rule's.
 CRITICAL_KEYS = ("topC", "kappa", "decay", "synced", "aggr", "buffer_dtype", "critical_test", "seed")
 
-NAMED_CRITICAL_RULES = ("SGD_C", "Adam_C", "RMSprop_C", "Adam_CM")
+# Every rule of the package (``memopt_func.registry``: torch.optim's four and every registered
+# one), and the registered ones that keep a critical buffer over a base rule.
+ALL_RULES = tuple(RULES)
+NAMED_CRITICAL_RULES = tuple(n for n, cls in RULES.items() if issubclass(cls, CriticalRule))
 # Every rule that keeps a critical buffer: the package's own and the combined ones.
 CRITICAL_RULES = NAMED_CRITICAL_RULES + COMBINED_RULES
-ALL_RULES = ("Adam", "AdamW", "SGD", "RMSprop", "Adam_C", "RMSprop_C", "SGD_C", "Adam_CM", "AdEMAMix")
 
 AGGREGATIONS = ("sum", "mean", "buffer")
 
@@ -371,7 +374,17 @@ def ademamix_hypers(draw, *, alpha_zero: bool | None = None) -> dict:
     }
 
 
-BASE_OF = {"SGD_C": "SGD", "Adam_C": "Adam", "RMSprop_C": "RMSprop", "Adam_CM": "AdamW"}
+BASE_OF = {name: RULES[name].BASE.__name__ for name in NAMED_CRITICAL_RULES}
+
+
+def critical_base_hypers(name: str) -> st.SearchStrategy[dict]:
+    """The base hyperparameters of a registered critical rule ``name`` (by its ``BASE`` rule);
+    a base without a strategy here fails, naming it, so no rule leaves the suite unnoticed."""
+    base = RULES[name].BASE.__name__
+    strategies = {"SGD": sgd_hypers, "Adam": adam_hypers, "AdamW": adam_hypers, "RMSprop": rmsprop_hypers, "AdEMAMix": ademamix_hypers}
+    if base not in strategies:
+        raise KeyError(f"{name}: no hyperparameter strategy for its base rule {base}; add one to properties/strategies.py")
+    return strategies[base]()
 
 
 @st.composite
@@ -421,16 +434,17 @@ def base_hypers(name: str, **kw) -> st.SearchStrategy[dict]:
 def rule_hypers(draw, name: str, *, buffer: bool | None = None, low_precision: bool = False, deciding: bool = False) -> dict:
     """Full constructor kwargs for rule ``name`` (critical rules: base + buffer hyperparameters;
     ``deciding``: see ``critical_hypers``)."""
-    if name in BASE_OF:
-        base = {"SGD_C": sgd_hypers(), "Adam_C": adam_hypers(), "RMSprop_C": rmsprop_hypers(), "Adam_CM": adam_hypers()}
+    if name in RULES and issubclass(RULES[name], CriticalRule):
         crit = critical_hypers(buffer=buffer, low_precision=low_precision, deciding=deciding)
-        return {**draw(base[name]), **draw(crit)}
+        return {**draw(critical_base_hypers(name)), **draw(crit)}
     if name in COMBINED_BASE:
         # the base rule's own hyperparameters, maximize too: a combined rule offers the
         # maximize-adjusted gradient (SPEC 2.6, 8.3)
         base = {**draw(base_hypers(COMBINED_BASE[name])), "maximize": draw(st.booleans())}
         crit = critical_hypers(buffer=buffer, low_precision=low_precision, deciding=deciding)
         return {**base, **draw(crit)}
+    if name not in ("Adam", "AdamW", "SGD", "RMSprop", "AdEMAMix"):
+        raise KeyError(f"{name}: no hyperparameter strategy; add one to properties/strategies.py (base_hypers)")
     return draw(base_hypers(name))
 
 

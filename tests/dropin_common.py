@@ -13,12 +13,15 @@ import torch
 from torch import nn
 
 from memopt_func import optim as O
+from memopt_func import registry
+from memopt_func._critical import CriticalRule
 from memopt_func import rules
 
 # AdEMAMix_C: rules.with_critical_buffer over AdEMAMix, as a drop-in through optim.from_rule's class
 # (optim.optimizer_class(rules.critical_class(rules.AdEMAMix))); it has no published counterpart.
-OPTIMIZERS = ("Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix", "AdEMAMix_C")
-CRITICAL = ("Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix_C")
+# Every registered optimizer's drop-in (``memopt_func.registry``), and AdEMAMix_C.
+OPTIMIZERS = tuple(registry.NAMED) + ("AdEMAMix_C",)
+CRITICAL = tuple(n for n in OPTIMIZERS if n == "AdEMAMix_C" or issubclass(registry.NAMED[n].rule, CriticalRule))
 # Per-step ("dynamic") fields of each critical state entry that belong to the whole group when synced.
 GROUP_KEYS = ("critical_keys", "critical_count", "critical_offers", "critical_accepted")
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCUMENTED = ["memopt_func", "memopt_func.rules", "memopt_func.optim", "memopt_func.compiled", "memopt_func.migrate", "memopt_func.checkpoint", "memopt_func.schema", "memopt_func.groups"]
+DOCUMENTED = ["memopt_func", "memopt_func.rules", "memopt_func.optim", "memopt_func.compiled", "memopt_func.migrate", "memopt_func.checkpoint", "memopt_func.schema", "memopt_func.groups", "memopt_func.registry"]
 PAGES = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))]
 SKIP = re.compile(r"<!-- example: not run, (.+?) -->")
 

@@ -194,3 +194,11 @@ def test_pytree_leaves_of_a_state_are_its_declared_tensors():
     _, state = _states("Adam_CM")
     declared = [v for node in _nodes(state) for f, d in schema.of(node).items() if d.role != schema.NESTED for v in pytree.tree_leaves(getattr(node, f))]
     assert len(declared) == len(pytree.tree_leaves(state))
+
+
+def test_every_rule_has_a_variant_in_the_example_tests():
+    from helpers import RULE_VARIANTS
+    from dropin_common import OPTIMIZERS
+
+    assert set(rules.RULES) <= {name for name, _ in RULE_VARIANTS.values()}
+    assert set(rules.registry.NAMED) <= set(OPTIMIZERS)

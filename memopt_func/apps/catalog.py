@@ -13,9 +13,10 @@ from typing import Any, Iterable
 import torch
 
 from .. import optim as dropin
+from .. import registry
 
-TORCH_OPTIM = ("Adam", "AdamW", "SGD", "RMSprop")
-MEMORY = ("Adam_CM", "Adam_C", "SGD_C", "RMSprop_C", "AdEMAMix")
+TORCH_OPTIM = tuple(registry.TORCH_RULES)
+MEMORY = tuple(registry.NAMED)  # every registered optimizer (``memopt_func.registry``), at import
 NAMES = TORCH_OPTIM + MEMORY
 
 # What the demo and the benchmark compare unless told otherwise.
@@ -47,7 +48,7 @@ def parse_names(text: str, valid: Iterable[str] = NAMES) -> list[str]:
 
 def is_memory(name: str) -> bool:
     """True for this package's drop-ins, False for the torch.optim baselines."""
-    return name in MEMORY
+    return name in registry.NAMED
 
 
 #: Storage settings by name: (state_dtype, buffer_dtype) (``memopt_func.storage``).
@@ -74,10 +75,10 @@ def make_optimizer(
         from .. import rules
 
         return dropin.from_rule(params, rules.RULES[name](**hyper, state_dtype=state_dtype))
-    if name in MEMORY:
+    if name in registry.NAMED:
         if storage != "fp32":
             hyper = {**hyper, "state_dtype": state_dtype}
-            if name != "AdEMAMix":
+            if "buffer_dtype" in {h.name for h in registry.NAMED[name].rule.HYPERS}:
                 hyper["buffer_dtype"] = buffer_dtype
         return getattr(dropin, name)(params, **hyper)
     raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(NAMES)}")

@@ -9,6 +9,12 @@ from .stepper import Stepper
 
 __all__ = ["Stepper", "FlatLayout"]
 
+from . import optim
 from .optim import AdEMAMix, Adam_C, Adam_CM, CompiledOptimizer, RMSprop_C, SGD_C, compile_optimizer  # noqa: E402
 
 __all__ += ["compile_optimizer", "CompiledOptimizer", "Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix"]
+
+
+def __getattr__(name: str):
+    """The compiled twin of a registered optimizer (``memopt_func.registry``) by its name."""
+    return getattr(optim, name)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from memopt_func import _tree, sharding
+from memopt_func import _tree, registry, sharding
 from memopt_func import optim as eager
 from memopt_func.groups import assemble, explode, row_keys
 from memopt_func.optim import MemoryOptimizer
@@ -181,13 +181,25 @@ AdEMAMix = _compiled_class(eager.AdEMAMix)
 _BY_EAGER = {eager.Adam_CM: Adam_CM, eager.Adam_C: Adam_C, eager.RMSprop_C: RMSprop_C, eager.SGD_C: SGD_C, eager.AdEMAMix: AdEMAMix}
 
 
+def __getattr__(name: str) -> type[CompiledOptimizer]:
+    """The compiled twin of a registered optimizer without a line above, by its name."""
+    if name in registry.NAMED:
+        return _twin(eager.optimizer_class(registry.NAMED[name].rule))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _twin(cls: type[MemoryOptimizer]) -> type[CompiledOptimizer]:
+    twin = _BY_EAGER.get(cls)
+    if twin is None:
+        twin = _BY_EAGER[cls] = _compiled_class(cls)
+    return twin
+
+
 def compile_optimizer(opt: MemoryOptimizer, *, flat: bool | None = None, cuda_graph: bool | None = None) -> CompiledOptimizer:
     """The compiled twin of a drop-in optimizer, with its param groups and state."""
     if not isinstance(opt, MemoryOptimizer) or isinstance(opt, CompiledOptimizer):
         raise TypeError(f"compile_optimizer takes a memopt_func drop-in optimizer, got {type(opt).__name__}")
-    cls = _BY_EAGER.get(type(opt))
-    if cls is None:
-        cls = _BY_EAGER[type(opt)] = _compiled_class(type(opt))
+    cls = _twin(type(opt))
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": g["params"]} for g in opt.param_groups]
     twin = cls(groups, flat=flat, cuda_graph=cuda_graph, **{h.name: opt.defaults[h.name] for h in cls.RULE.HYPERS})
     twin.load_state_dict(opt.state_dict())
