@@ -10,7 +10,8 @@ from torch import Tensor
 from . import _hyper as H
 from . import critical_buffer as cb
 from . import schema
-from ._rule import Rule, in_parts
+from ._parts import in_parts
+from ._rule import Rule
 from .storage import check_buffer_dtype
 
 

@@ -5,10 +5,10 @@ denominator, a difference). Freshly allocated, each one costs its pages: glibc h
 back to the OS when they are freed (``mmap``, or a trim of the heap's top), so every step faults
 them in again, which costs more than the arithmetic. A ``Scratch`` keeps one arena per dtype and
 device and hands out consecutive slices of it; ``reset`` starts over (at each run of leaves of a
-step, see ``_rule.in_parts``), so the same memory serves every run and every step, warm in cache.
+step, see ``_parts.in_parts``), so the same memory serves every run and every step, warm in cache.
 
 The contract: a slice is valid until the next ``reset``; nothing kept beyond it may be a slice
-(``holds`` tells, and ``_rule.in_parts`` copies out anything that would be). A temporary under
+(``holds`` tells, and ``_parts.in_parts`` copies out anything that would be). A temporary under
 ``min_numel`` elements is allocated as usual (malloc serves it from its free lists), unless it
 is carved from a large block (``_math.scratch_list``: one block for many small tensors).
 """

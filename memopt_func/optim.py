@@ -19,7 +19,7 @@ from torch import Tensor
 from . import _tree, checkpoint, registry, sharding
 from ._rule import Rule
 from ._scratch import Scratch
-from .groups import GroupStates, assemble, explode, layout_value, real
+from .groups import GroupStates, assemble, explode, layout_value, real  # noqa: F401  (assemble, explode: optim's names)
 
 # The eval-frame callback that an enclosing torch.compile installs (None outside one), read from a
 # frame that Dynamo does not trace (``MemoryOptimizer.step``), where ``is_compiling()`` is False.

@@ -14,22 +14,31 @@ host read as without it.
 
 from __future__ import annotations
 
+import contextlib
+
 from unittest import mock
+
+import torch
 
 import torch.utils._pytree as pytree
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness import ADMISSIONS, assert_bit_identical, clone, full_buffer_choices, make_rule, rows_moved, sees_admissions_and_refusals
+from memopt_func import _slot_write
 from memopt_func import critical_buffer as cb
 from memopt_func.compiled import Stepper
 from strategies import CRITICAL_RULES, flat
 from test_prop_buffer_invariants import critical_cases
 
 
+@contextlib.contextmanager
 def _device_form():
-    """Step as on an accelerator: the slot index is never read on the host."""
-    return mock.patch.object(cb, "slot_on_host", lambda buf: False)
+    """Step as on an accelerator: the slot index is never read on the host (checked: the
+    buffer's own host read answers None under the patch, so the patch reaches the code)."""
+    with mock.patch.object(_slot_write, "slot_on_host", lambda buf: False):
+        assert cb.host_flags(torch.ones(1, dtype=torch.bool), torch.zeros(1)) is None
+        yield
 
 
 def _run(rule, tree, stream, donate: bool):

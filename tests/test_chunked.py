@@ -13,7 +13,7 @@ import torch.utils._pytree as pytree
 
 import memopt_func
 from memopt_func import rules
-from memopt_func._rule import _parts
+from memopt_func._parts import runs as _parts
 from helpers import RULE_VARIANTS, assert_trees_bitwise_equal, clone_tree, make_rule
 
 VARIANTS = list(RULE_VARIANTS) + ["Adam_C-kappa0", "SGD_C-buffer"]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dropin_common import dropin, mlp, mse
+from memopt_func import _slot_write
 from memopt_func import critical_buffer as cb
 
 SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
@@ -34,7 +35,7 @@ def no_host_sync():
         return boom
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(cb, "slot_on_host", lambda buf: False))
+        stack.enter_context(mock.patch.object(_slot_write, "slot_on_host", lambda buf: False))
         for method in SYNC_METHODS:
             stack.enter_context(mock.patch.object(torch.Tensor, method, make(method)))
         yield
@@ -155,7 +156,7 @@ def test_device_form_of_sgd_first_step_starts_the_buffer_at_d_as_torch_optim():
     opt = torch.optim.SGD([ref], lr=0.1, momentum=0.9, dampening=0.5, foreach=False)
     rule = rules.SGD(lr=0.1, momentum=0.9, dampening=0.5)
     params, state = p0.clone(), rule.init(p0)
-    with mock.patch.object(cb, "slot_on_host", lambda buf: False):
+    with mock.patch.object(_slot_write, "slot_on_host", lambda buf: False):
         for g in grads:
             ref.grad = g.clone()
             opt.step()

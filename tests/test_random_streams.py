@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from memopt_func import storage
+from memopt_func import _codes, storage
 from memopt_func._counter_hash import uniform
 
 # u * 2**32 of elements 0..3 of the tensor at position 2, seed 5, step 3, per field.
@@ -48,7 +48,7 @@ def test_stream_ids_are_distinct_small_constants_covering_every_stored_field():
 
 def test_no_two_fields_positions_or_steps_share_a_stream():
     streams = {
-        int(storage._stream(torch.tensor(step), field, position))
+        int(_codes._stream(torch.tensor(step), field, position))
         for step in range(1, 40)
         for field in storage.STREAM_ID
         for position in range(50)

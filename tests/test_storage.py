@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from memopt_func import optim, rules
+from memopt_func import _codes, optim, rules
 from memopt_func import storage as S
 from memopt_func.compiled import Stepper
 
@@ -266,9 +266,9 @@ def test_fused_rounding_kernels_equal_the_op_by_op_path():
     grads = [[torch.randn(p.shape, generator=gen) for p in start] for _ in range(3)]
 
     def run(state_dtype, eager_only):
-        S._EAGER_ONLY.clear()
+        _codes._EAGER_ONLY.clear()
         if eager_only:
-            S._EAGER_ONLY.append(True)
+            _codes._EAGER_ONLY.append(True)
         try:
             rule = rules.AdEMAMix(state_dtype=state_dtype)
             params, state = list(start), rule.init(start)
@@ -276,7 +276,7 @@ def test_fused_rounding_kernels_equal_the_op_by_op_path():
                 params, state = rule.step(params, g, state)
             return params, state
         finally:
-            S._EAGER_ONLY.clear()
+            _codes._EAGER_ONLY.clear()
 
     (a, sa), (b, sb) = run(torch.bfloat16, False), run(torch.bfloat16, True)
     assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -116,6 +116,16 @@ def make_params(
     return params
 
 
+def time_once(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
+    """Seconds of one call of ``fn`` (a first step, which compiles), with ``device`` synchronised
+    before and after it."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def time_steps(
     step: Callable[[], Any], warmup: int = 3, repeats: int = 20, device: torch.device | str = "cpu", budget_s: float | None = None
 ) -> list[float]:
@@ -127,11 +137,7 @@ def time_steps(
     times: list[float] = []
     spent = 0.0
     for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(time_once(step, device))
         spent += times[-1]
         if budget_s is not None and spent > budget_s and len(times) >= 3:
             break

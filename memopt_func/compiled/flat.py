@@ -10,10 +10,12 @@ critical buffer's priority exactly the sum of per-tensor norms.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
+
+from memopt_func import schema
 
 
 @dataclass(frozen=True)
@@ -81,3 +83,64 @@ class FlatLayout:
             lead = flat.shape[:prefix]
             out.append(flat.narrow(prefix, s.offset, s.numel).view(tuple(lead) + tuple(s.shape)))
         return out
+
+
+# ---------------------------------------------------------------- a rule state on the layout
+
+
+def _map_state(state: NamedTuple, per_leaf, step) -> NamedTuple:
+    """Rebuild a rule state, mapping per-leaf tuples with ``per_leaf(values, prefix)`` (``prefix``:
+    leading dims before the parameter's shape, 1 for a ``[C, *shape]`` buffer) and the step
+    vector with ``step``; other tensors (critical keys and counters) are kept."""
+
+    def convert(node: Any) -> Any:
+        fields = {}
+        for field, f in schema.of(node).items():
+            value = getattr(node, field)
+            if f.role == schema.NESTED:
+                value = None if value is None else convert(value)
+            elif isinstance(value, tuple) and value:
+                value = tuple(per_leaf(value, 1 if f.role == schema.SLOTS else 0))
+            elif f.role == schema.STEP:
+                value = step(value)
+            fields[field] = value
+        return type(node)(**fields)
+
+    return convert(state)
+
+
+def flat_state(state: NamedTuple, layout: FlatLayout) -> NamedTuple:
+    """A per-tensor state rearranged onto the flat layout (values copied)."""
+    return _map_state(state, layout.flatten, lambda step: _flat_steps(step, layout))
+
+
+def _flat_steps(step: Tensor, layout: FlatLayout) -> Tensor:
+    firsts = torch.stack([step[layout.members(g)[0].index] for g in range(layout.num_groups)])
+    if not steps_agree(step, layout):
+        raise ValueError(
+            "cannot lay this state out flat: tensors of one group have taken different numbers of "
+            "steps (some were skipped); use flat=False"
+        )
+    return firsts
+
+
+def steps_agree(step: Tensor, layout: FlatLayout) -> bool:
+    """Whether the tensors of each flat buffer have taken the same number of steps (read once,
+    when a state is adopted; a meta-device state is taken to agree)."""
+    if step.device.type == "meta":
+        return True
+    for g in range(layout.num_groups):
+        members = [s.index for s in layout.members(g)]
+        if not bool((step[members] == step[members[0]]).all()):
+            return False
+    return True
+
+
+def per_tensor_steps(state: NamedTuple, layout: FlatLayout) -> NamedTuple:
+    """The flat state seen per tensor, with a step vector of its own (one counter per tensor)."""
+    return _map_state(state, layout.views, lambda step: torch.stack([step[s.group] for s in layout.slots]))
+
+
+def per_tensor_views(state: NamedTuple, layout: FlatLayout) -> NamedTuple:
+    """The flat state seen per tensor: views into the flat buffers; ``step`` as a tuple of 0-d views."""
+    return _map_state(state, layout.views, lambda step: tuple(step[s.group] for s in layout.slots))

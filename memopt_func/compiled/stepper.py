@@ -19,13 +19,13 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from memopt_func import _tree, checkpoint, schema, sharding
+from memopt_func import _tree, checkpoint, sharding
 from memopt_func import critical_buffer as cb
 from memopt_func.groups import explode
 from memopt_func._rule import Rule
 
 from . import cpu_codegen
-from .flat import FlatLayout
+from .flat import FlatLayout, flat_state, per_tensor_steps, per_tensor_views, steps_agree
 
 
 def _needs_per_tensor(rule: Rule) -> str | None:
@@ -38,64 +38,6 @@ def _needs_per_tensor(rule: Rule) -> str | None:
     if rule.storage.draws:
         return "does not take stochastic rounding, whose draws are made per tensor element (use rounding='nearest')"
     return None
-
-
-def _map_state(state: NamedTuple, per_leaf, step) -> NamedTuple:
-    """Rebuild a rule state, mapping per-leaf tuples with ``per_leaf(values, prefix)`` (``prefix``:
-    leading dims before the parameter's shape, 1 for a ``[C, *shape]`` buffer) and the step
-    vector with ``step``; other tensors (critical keys and counters) are kept."""
-
-    def convert(node: Any) -> Any:
-        fields = {}
-        for field, f in schema.of(node).items():
-            value = getattr(node, field)
-            if f.role == schema.NESTED:
-                value = None if value is None else convert(value)
-            elif isinstance(value, tuple) and value:
-                value = tuple(per_leaf(value, 1 if f.role == schema.SLOTS else 0))
-            elif f.role == schema.STEP:
-                value = step(value)
-            fields[field] = value
-        return type(node)(**fields)
-
-    return convert(state)
-
-
-def flat_state(state: NamedTuple, layout: FlatLayout) -> NamedTuple:
-    """A per-tensor state rearranged onto the flat layout (values copied)."""
-    return _map_state(state, layout.flatten, lambda step: _flat_steps(step, layout))
-
-
-def _flat_steps(step: Tensor, layout: FlatLayout) -> Tensor:
-    firsts = torch.stack([step[layout.members(g)[0].index] for g in range(layout.num_groups)])
-    if not _steps_agree(step, layout):
-        raise ValueError(
-            "cannot lay this state out flat: tensors of one group have taken different numbers of "
-            "steps (some were skipped); use flat=False"
-        )
-    return firsts
-
-
-def _steps_agree(step: Tensor, layout: FlatLayout) -> bool:
-    """Whether the tensors of each flat buffer have taken the same number of steps (read once,
-    when a state is adopted; a meta-device state is taken to agree)."""
-    if step.device.type == "meta":
-        return True
-    for g in range(layout.num_groups):
-        members = [s.index for s in layout.members(g)]
-        if not bool((step[members] == step[members[0]]).all()):
-            return False
-    return True
-
-
-def _per_tensor_steps(state: NamedTuple, layout: FlatLayout) -> NamedTuple:
-    """The flat state seen per tensor, with a step vector of its own (one counter per tensor)."""
-    return _map_state(state, layout.views, lambda step: torch.stack([step[s.group] for s in layout.slots]))
-
-
-def per_tensor_views(state: NamedTuple, layout: FlatLayout) -> NamedTuple:
-    """The flat state seen per tensor: views into the flat buffers; ``step`` as a tuple of 0-d views."""
-    return _map_state(state, layout.views, lambda step: tuple(step[s.group] for s in layout.slots))
 
 
 class Stepper:
@@ -153,7 +95,7 @@ class Stepper:
         else:
             rule.check_state(state, leaves)
         if flat is None:
-            flat = not _needs_per_tensor(rule) and _steps_agree(state.step, FlatLayout(leaves))
+            flat = not _needs_per_tensor(rule) and steps_agree(state.step, FlatLayout(leaves))
         elif flat and _needs_per_tensor(rule):
             raise ValueError(f"flat=True {_needs_per_tensor(rule)}")
         self.flat = flat
@@ -388,7 +330,7 @@ class Stepper:
         buffers once (the critical slots are copied: views of one buffer's rows would alias each
         other as inputs of the compiled step; the rest stay views of the flat storage), and the
         per-tensor step compiles once for each pattern of missing gradients."""
-        state = _per_tensor_steps(self.state, self.layout)
+        state = per_tensor_steps(self.state, self.layout)
         self._step_state = cb.map_buffers(state, lambda c: _tree.replace(c, buf=tuple(_own(b) for b in c.buf)))
         self._step_params = [t.detach() for t in self._leaves]
         self.flat, self.layout, self._grads, self._grad_views, self._segments = False, None, None, None, None

@@ -23,10 +23,12 @@ class Mutant(NamedTuple):
 
 
 CB = "memopt_func/critical_buffer.py"
+SLOTS = "memopt_func/_slot_write.py"
 CRIT = "memopt_func/_critical.py"
 MATH = "memopt_func/_math.py"
 STEPPER = "memopt_func/compiled/stepper.py"
 STORAGE = "memopt_func/storage.py"
+CODES = "memopt_func/_codes.py"
 SHARDING = "memopt_func/sharding.py"
 MIGRATE = "memopt_func/migrate.py"
 CHECKPOINT = "memopt_func/checkpoint.py"
@@ -188,49 +190,49 @@ MUTANTS: list[Mutant] = [
     ),
     # ------------------------------------------------------------------ critical_buffer: write, sums, aggregate, decay
     Mutant(
-        "cb-refused-overwrites", CB,
+        "cb-refused-overwrites", SLOTS,
         "written = _put(buf, s, torch.where(adm, stored, here), donate)",
         "written = _put(buf, s, stored, donate)",
         "a refused offer overwrites the slot",
         "gap: refused offers leave the slots untouched (no mixing)",
     ),
     Mutant(
-        "cb-host-refused-overwrites", CB,
+        "cb-host-refused-overwrites", SLOTS,
         "value = stored if adm is None else torch.where(adm, stored, here)",
         "value = stored",
         "with the slot read on the host, a refused element overwrites the slot",
         "gap: refused offers leave the slots untouched (no mixing)",
     ),
     Mutant(
-        "cb-host-refused-written", CB,
+        "cb-host-refused-written", SLOTS,
         "            if whole and not bool(adm):",
         "            if False:",
         "an eager host step writes a refused offer as if admitted",
         "gap: refused offers leave the slots untouched (no mixing)",
     ),
     Mutant(
-        "cb-sink-ignored", CB,
+        "cb-sink-ignored", SLOTS,
         "index = (torch.where(adm, s, top_c), torch.arange(rows.shape[1], device=buf.device))",
         "index = (s.expand(rows.shape[1]), torch.arange(rows.shape[1], device=buf.device))",
         "with a sink row (a flat stepper's leaf), a refused element overwrites the slot",
         "gap: the sink row takes refused elements",
     ),
     Mutant(
-        "cb-running-sum-refused", CB,
+        "cb-running-sum-refused", SLOTS,
         "        change = torch.where(adm, change, 0)\n",
         "        pass\n",
         "a refused offer still changes the running buf_sum",
         "gap: buf_sum is the sum of the filled slots",
     ),
     Mutant(
-        "cb-running-sum-keeps-old", CB,
+        "cb-running-sum-keeps-old", SLOTS,
         "    change = stored.to(total.dtype) - old\n",
         "    change = stored.to(total.dtype)\n",
         "the replaced slot's value is not taken out of the running buf_sum",
         "gap: buf_sum is the sum of the filled slots",
     ),
     Mutant(
-        "cb-slot-sum-unfilled", CB,
+        "cb-slot-sum-unfilled", SLOTS,
         "        total = total + torch.where(filled > j, buf[j].to(dtype), 0)",
         "        total = total + torch.where(filled >= j, buf[j].to(dtype), 0)",
         "buf_sum also sums the first unfilled slot",
@@ -566,14 +568,14 @@ MUTANTS: list[Mutant] = [
         tests="recipe",
     ),
     Mutant(
-        "cb-eager-refused-written", CB,
+        "cb-eager-refused-written", SLOTS,
         "        if not admitted[decision.at[i]]:",
         "        if False:",
         "the eager in-place write (slot and flag read on the host) writes a refused offer",
         "gap: a refused offer moves nothing",
     ),
     Mutant(
-        "cb-eager-old-kept", CB,
+        "cb-eager-old-kept", SLOTS,
         "        torch._foreach_sub_(change, old)\n",
         "        pass\n",
         "the eager in-place write adds the offered value to buf_sum without taking out the one it replaces",
@@ -608,7 +610,7 @@ MUTANTS: list[Mutant] = [
         "gap: the one cast is the cast each op would make (float32), so the numbers do not move",
     ),
     Mutant(
-        "rule-slices-advance-per-slice", "memopt_func/_rule.py",
+        "rule-slices-advance-per-slice", "memopt_func/_parts.py",
         "        views = _tree.map_leaf_entries(state, [i], cut)",
         "        views = _tree.map_leaf_entries(first or state, [i], cut)",
         "a sliced leaf's slices see the previous slice's counters, so the step counter moves once per slice",
@@ -616,7 +618,7 @@ MUTANTS: list[Mutant] = [
         tests="chunked",
     ),
     Mutant(
-        "rule-scratch-kept-as-state", "memopt_func/_rule.py",
+        "rule-scratch-kept-as-state", "memopt_func/_parts.py",
         "    held = lambda t: isinstance(t, Tensor) and id(t) not in given and scratch.holds(t)  # noqa: E731",
         "    held = lambda t: False  # noqa: E731",
         "a temporary that a rule keeps as state stays in the scratch, which the next run overwrites",
@@ -649,7 +651,7 @@ MUTANTS: list[Mutant] = [
         tests="checkpoint",
     ),
     Mutant(
-        "st-stream-no-step", STORAGE,
+        "st-stream-no-step", CODES,
         "return (step.to(torch.int64) * 0x9E3779B1 + (position * 64",
         "return (step.to(torch.int64) * 0 + (position * 64",
         "every step draws the same bits",
@@ -657,7 +659,7 @@ MUTANTS: list[Mutant] = [
         tests="checkpoint",
     ),
     Mutant(
-        "st-stream-no-position", STORAGE,
+        "st-stream-no-position", CODES,
         "(position * 64 + STREAM_ID[field])",
         "(0 * 64 + STREAM_ID[field])",
         "every tensor of a step draws the same bits",
@@ -666,7 +668,7 @@ MUTANTS: list[Mutant] = [
     ),
     # ------------------------------------------------------------------ storage: rounding and codes
     Mutant(
-        "st-round-half-range", STORAGE,
+        "st-round-half-range", CODES,
         "    r = (u * float(2**k)).to(torch.int32)",
         "    r = (u * float(2 ** (k - 1))).to(torch.int32)",
         "stochastic rounding to bf16/fp16 adds half the random range (biased towards zero)",
@@ -674,7 +676,7 @@ MUTANTS: list[Mutant] = [
         tests="checkpoint",
     ),
     Mutant(
-        "st-round-float32-bits", STORAGE,
+        "st-round-float32-bits", CODES,
         "        r = (u * 2.0**29).to(torch.int64)",
         "        r = (u * 2.0**28).to(torch.int64)",
         "stochastic rounding from float64 to float32 adds half the random range",
@@ -682,7 +684,7 @@ MUTANTS: list[Mutant] = [
         tests="checkpoint",
     ),
     Mutant(
-        "st-code-square-power", STORAGE,
+        "st-code-square-power", CODES,
         'POWER = {"signed": 2.0, "square": 4.0}',
         'POWER = {"signed": 2.0, "square": 2.0}',
         "second moments decoded with the signed code's power",
@@ -690,7 +692,7 @@ MUTANTS: list[Mutant] = [
         tests="checkpoint",
     ),
     Mutant(
-        "st-code-nearest", STORAGE,
+        "st-code-nearest", CODES,
         "        up = p > 0.5",
         "        up = p > 0.75",
         "to-nearest 8-bit codes round down up to three quarters of the way",
@@ -698,7 +700,7 @@ MUTANTS: list[Mutant] = [
         tests="checkpoint",
     ),
     Mutant(
-        "st-code-signed-absmax", STORAGE,
+        "st-code-signed-absmax", CODES,
         "    absmax = xb.abs().amax(dim=-1)",
         "    absmax = xb.amax(dim=-1)",
         "a block's scale is its largest value, not its largest magnitude",
@@ -706,7 +708,7 @@ MUTANTS: list[Mutant] = [
         tests="checkpoint",
     ),
     Mutant(
-        "st-code-zero-guard", STORAGE,
+        "st-code-zero-guard", CODES,
         "        q = torch.where(xb > 0, q.clamp(min=1), q)",
         "        q = torch.where(xb > 0, q, q)",
         "a tiny non-zero second moment may be stored as 0",
