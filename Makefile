@@ -54,7 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest -q bench --benchmark-enable --benchmark-only
 
 # On a CUDA machine: GPU correctness checks, then speed against fused and compiled AdamW
-# (bench/gpu_results/); without CUDA, `make gpu-check ARGS=--dry-run` runs the same code path.
+# (bench/results/gpu/); without CUDA, `make gpu-check ARGS=--dry-run` runs the same code path.
 gpu-check: $(STAMP)
 	$(BIN)/python bench/gpu_check.py $(ARGS)
 

@@ -11,13 +11,18 @@ process; the table gives the median step and the ratio to float32 at the same si
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import statistics
-import subprocess
 import sys
-import time
 
 import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from cells import run_cell  # noqa: E402
+from memopt_func.apps.benchmarking import time_steps  # noqa: E402
 
 
 def adamw_step(p, g, m, v, b1: float, b2: float, lr: float, eps: float) -> None:
@@ -30,18 +35,14 @@ def adamw_step(p, g, m, v, b1: float, b2: float, lr: float, eps: float) -> None:
 
 
 def cell(numel: int, dtype_name: str, steps: int) -> dict:
+    """The median compiled ``adamw_step`` in seconds with m and v stored as ``dtype_name``, after
+    5 warm-up steps. Run it through ``run_cell``: Inductor compiles afresh in each process."""
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator().manual_seed(0)
     p, g = torch.randn(numel, generator=gen), torch.randn(numel, generator=gen)
     m, v = torch.randn(numel, generator=gen).to(dtype), torch.rand(numel, generator=gen).to(dtype)
     step = torch.compile(adamw_step)
-    for _ in range(5):
-        step(p, g, m, v, 0.9, 0.999, 1e-3, 1e-8)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step(p, g, m, v, 0.9, 0.999, 1e-3, 1e-8)
-        times.append(time.perf_counter() - t0)
+    times = time_steps(lambda: step(p, g, m, v, 0.9, 0.999, 1e-3, 1e-8), warmup=5, repeats=steps)
     return {"numel": numel, "dtype": dtype_name, "median_s": statistics.median(times)}
 
 
@@ -49,20 +50,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="250000,4000000,20000000")
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--cell", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.cell:
-        print(json.dumps(cell(int(args.cell[0]), args.cell[1], args.steps)))
-        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| elements | float32 ms | bfloat16 ms | bf16 / fp32 | bytes bf16 / fp32 |")
     print("|---|---|---|---|---|")
     for numel in (int(s) for s in args.sizes.split(",")):
-        out = {}
-        for name in ("float32", "bfloat16"):
-            cmd = [sys.executable, __file__, "--cell", str(numel), name, "--steps", str(args.steps)]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            out[name] = json.loads(res.stdout.strip().splitlines()[-1])["median_s"]
+        out = {name: run_cell(cell, numel, name, args.steps)["median_s"] for name in ("float32", "bfloat16")}
         # p read and written, g read (4 B each), m and v read and written at the stored width
         ratio_bytes = (12 + 4 * 2) / (12 + 4 * 4)
         print(

@@ -14,7 +14,7 @@ error against the bound SPEC's invariant is tested with (``properties/test_prop_
 
 ``time``: eager ``opt.step()`` medians, each cell in a fresh process after 12 warm-up steps (the
 topC-10 buffer full): the published-style loop, ours, and ours with ``buf_sum`` kept as a float32
-running sum (``critical_buffer.init`` and ``critical_buffer._move_sums`` patched in that process
+running sum (``critical_buffer.init`` and ``_slot_write._move_sums`` patched in that process
 only; it breaks SPEC, and is timed only to size what the exact sum costs). Then two per-tensor
 loops over the same tensors: the slot write with an exact float64 sum against a float32 running
 sum, and the float64 sum's conversion for the aggregate, which an ideal per-tensor loop like the
@@ -33,7 +33,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -41,8 +40,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from cells import run_json  # noqa: E402
+from cells import run_cell  # noqa: E402
 from memopt_func import rules  # noqa: E402
+from memopt_func.apps.benchmarking import time_steps  # noqa: E402
 
 # ---------------------------------------------------------------------------------------- drift
 
@@ -80,48 +80,45 @@ def drift(steps: int, numel: int, every: list[int], jumps: bool, seed: int = 0) 
 
 # ----------------------------------------------------------------------------------------- time
 
-CELL = r"""
-import json, sys, torch
-sys.path.insert(0, {here!r})
-import memopt_func
-from memopt_func import critical_buffer as cb
-from memopt_func.apps.benchmarking import time_steps
-from published_style import PUBLISHED_STYLE
-impl, name, n, size, steps, chunk = {impl!r}, {name!r}, {n}, {size}, {steps}, {chunk}
-if impl == "ours, float32 running sum":
-    init = cb.init
-
-    def init32(*args, **kwargs):
-        state = init(*args, **kwargs)
-        return state._replace(buf_sum=tuple(t.float() for t in state.buf_sum))
-
-    cb.init = init32
-
-    def move(totals, stored, rows, replaced):
-        torch._foreach_add_(totals, torch._foreach_sub(stored, rows) if replaced else stored)
-        torch._foreach_copy_(rows, stored)
-
-    cb._move_sums = move
-torch.manual_seed(0)
-params = [torch.nn.Parameter(torch.randn(size)) for _ in range(n)]
-for p in params:
-    p.grad = torch.randn(size)
-opt = (PUBLISHED_STYLE[name] if impl == "published-style" else getattr(memopt_func, name))(params, lr=1e-3)
-if chunk:
-    opt.cpu_chunk_numel = chunk
-for _ in range(12):
-    opt.step()
-if impl != "published-style":
-    assert opt.state[params[0]]["critical_buf_sum"].dtype == (torch.float32 if "float32" in impl else torch.float64)
-times = sorted(time_steps(opt.step, warmup=0, repeats=steps, device="cpu"))
-print(json.dumps(1e3 * times[len(times) // 2]))
-"""
 IMPLS = ("published-style", "ours", "ours, float32 running sum")
 
 
-def run_cell(impl: str, name: str, n: int, size: int, steps: int, chunk: int = 0) -> float:
-    """The median step in ms of one cell in a fresh process (``chunk``: ours' ``cpu_chunk_numel``)."""
-    return run_json(CELL.format(here=HERE, impl=impl, name=name, n=n, size=size, steps=steps, chunk=chunk))
+def step_cell(impl: str, name: str, n: int, size: int, steps: int, chunk: int = 0) -> float:
+    """The median eager step in ms of ``impl`` (one of ``IMPLS``) over ``n`` tensors of ``size``
+    after 12 warm-up steps (``chunk``: ours' ``cpu_chunk_numel``). Run it through ``run_cell``:
+    the float32 variant patches ``critical_buffer.init`` and ``_slot_write._move_sums`` in the
+    process it runs in."""
+    import memopt_func
+    from memopt_func import _slot_write
+    from memopt_func import critical_buffer as cb
+    from published_style import PUBLISHED_STYLE
+
+    if impl == "ours, float32 running sum":
+        init = cb.init
+
+        def init32(*args, **kwargs):
+            state = init(*args, **kwargs)
+            return state._replace(buf_sum=tuple(t.float() for t in state.buf_sum))
+
+        def move(totals, stored, rows, replaced):
+            torch._foreach_add_(totals, torch._foreach_sub(stored, rows) if replaced else stored)
+            torch._foreach_copy_(rows, stored)
+
+        cb.init = init32
+        _slot_write._move_sums = move
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(size)) for _ in range(n)]
+    for p in params:
+        p.grad = torch.randn(size)
+    opt = (PUBLISHED_STYLE[name] if impl == "published-style" else getattr(memopt_func, name))(params, lr=1e-3)
+    if chunk:
+        opt.cpu_chunk_numel = chunk
+    for _ in range(12):
+        opt.step()
+    if impl != "published-style":
+        assert opt.state[params[0]]["critical_buf_sum"].dtype == (torch.float32 if "float32" in impl else torch.float64)
+    times = sorted(time_steps(opt.step, warmup=0, repeats=steps, device="cpu"))
+    return 1e3 * times[len(times) // 2]
 
 
 def per_tensor_loops(n: int, size: int, repeats: int = 30) -> dict:
@@ -154,14 +151,7 @@ def per_tensor_loops(n: int, size: int, repeats: int = 30) -> dict:
     out = {}
     for label, f in (("slot write, float64 exact sum", exact), ("slot write, float32 running sum", running),
                      ("float64 sum to float32 for the aggregate", converted)):
-        for _ in range(3):
-            f()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t0)
-        out[label] = 1e3 * statistics.median(times)
+        out[label] = 1e3 * statistics.median(time_steps(f, warmup=3, repeats=repeats))
     return out
 
 
@@ -197,8 +187,8 @@ def main(argv=None) -> int:
             for name in args.rules.split(","):
                 for per_run in (int(k) for k in args.per_run.split(",")):
                     # the fastest of the fresh processes: the overhead is subtracted, so noise counts twice
-                    full = min(run_cell("ours", name, n, size, steps, size * per_run) for _ in range(args.repeats))
-                    bare = min(run_cell("ours", name, n, 16, steps, 16 * per_run) for _ in range(args.repeats))
+                    full = min(run_cell(step_cell, "ours", name, n, size, steps, size * per_run) for _ in range(args.repeats))
+                    bare = min(run_cell(step_cell, "ours", name, n, 16, steps, 16 * per_run) for _ in range(args.repeats))
                     results[f"{s} {name} {per_run}"] = {"ms": full, "overhead_ms": bare}
                     print(f"| {s} | {name} | {per_run} | {full:.1f} | {bare:.1f} | {full - bare:.1f} |", flush=True)
     else:
@@ -211,7 +201,7 @@ def main(argv=None) -> int:
                 runs: dict[str, list[float]] = {impl: [] for impl in IMPLS}
                 for _ in range(args.repeats):  # alternating, each in a fresh process
                     for impl in IMPLS:
-                        runs[impl].append(run_cell(impl, name, n, size, steps))
+                        runs[impl].append(run_cell(step_cell, impl, name, n, size, steps))
                 ms = {impl: statistics.median(v) for impl, v in runs.items()}
                 results[f"{s} {name}"] = runs
                 pub = ms["published-style"]

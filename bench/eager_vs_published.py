@@ -22,32 +22,34 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from cells import run_json  # noqa: E402
+from cells import run_cell  # noqa: E402
+
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30)}
 
-CELL = r"""
-import json, resource, sys, torch
-sys.path.insert(0, {here!r})
-import memopt_func
-from memopt_func.apps.benchmarking import time_steps
-from published_style import PUBLISHED_STYLE
-impl, name, n, size, steps, device = {impl!r}, {name!r}, {n}, {size}, {steps}, {device!r}
-torch.manual_seed(0)
-params = [torch.nn.Parameter(torch.randn(size, device=device)) for _ in range(n)]
-for p in params:
-    p.grad = torch.randn(size, device=device)
-opt = (getattr(memopt_func, name) if impl == "ours" else PUBLISHED_STYLE[name])(params, lr=1e-3)
-for _ in range(5):
-    opt.step()
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-times = sorted(time_steps(opt.step, warmup=0, repeats=steps, device=device))
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
-print(json.dumps({{"ms": 1e3 * times[len(times) // 2], "faults": faults}}))
-"""
 
+def step_cell(impl: str, name: str, n: int, size: int, steps: int, device: str = "cpu") -> dict:
+    """``impl`` ("ours" or "published") for rule ``name`` over ``n`` tensors of ``size``: the
+    median step in ms after 5 warm-up steps, and the minor page faults per timed step. Run it
+    through ``run_cell``, so that the allocator starts fresh."""
+    import resource
 
-def run_cell(impl: str, name: str, n: int, size: int, steps: int, env: dict, device: str = "cpu") -> dict:
-    return run_json(CELL.format(here=HERE, impl=impl, name=name, n=n, size=size, steps=steps, device=device), env)
+    import torch
+
+    import memopt_func
+    from memopt_func.apps.benchmarking import time_steps
+    from published_style import PUBLISHED_STYLE
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(size, device=device)) for _ in range(n)]
+    for p in params:
+        p.grad = torch.randn(size, device=device)
+    opt = (getattr(memopt_func, name) if impl == "ours" else PUBLISHED_STYLE[name])(params, lr=1e-3)
+    for _ in range(5):
+        opt.step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    times = sorted(time_steps(opt.step, warmup=0, repeats=steps, device=device))
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
+    return {"ms": 1e3 * times[len(times) // 2], "faults": faults}
 
 
 def main(argv=None) -> int:
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
                 cells = {"ours": [], "published": []}
                 for _ in range(args.repeats):
                     for impl in cells:  # alternate, so drift hits both alike
-                        cells[impl].append(run_cell(impl, name, n, numel, args.steps, env, args.device))
+                        cells[impl].append(run_cell(step_cell, impl, name, n, numel, args.steps, args.device, env=env))
                 row = {"device": args.device, "allocator": env_name, "size": size, "rule": name}
                 for impl, runs in cells.items():
                     row[f"{impl}_ms"] = statistics.median(r["ms"] for r in runs)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -18,17 +17,13 @@ from torch.func import stack_module_state, vmap
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from memopt_func import rules  # noqa: E402
+from memopt_func.apps.benchmarking import time_steps  # noqa: E402
 
 
 def _time(fn, steps: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        best = min(best, (time.perf_counter() - start) / steps)
-    return best
+    """Seconds per call: after one warm-up call, the best of three rounds of ``steps`` calls."""
+    times = time_steps(fn, warmup=1, repeats=3 * steps)
+    return min(sum(times[k * steps:(k + 1) * steps]) / steps for k in range(3))
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from memopt_func import _codes as C
 from memopt_func import storage as S
 
 
@@ -45,9 +46,9 @@ def snapshots(steps=(10, 100, 400), seed=0):
 
 
 def measure(snaps, kind, power, block, keep_nonzero=True):
-    old = S.BLOCK[kind], S.POWER[kind]
-    S.BLOCK[kind], S.POWER[kind] = block, power
-    S._KEEP_NONZERO = keep_nonzero
+    old = C.BLOCK[kind], C.POWER[kind]
+    C.BLOCK[kind], C.POWER[kind] = block, power
+    C._KEEP_NONZERO = keep_nonzero
     try:
         errs, zeroed, nonzero = [], 0, 0
         for _, m, v in snaps:
@@ -63,8 +64,8 @@ def measure(snaps, kind, power, block, keep_nonzero=True):
                 nonzero += int((v != 0).sum())
         return max(errs), (zeroed / nonzero if nonzero else 0.0)
     finally:
-        S.BLOCK[kind], S.POWER[kind] = old
-        S._KEEP_NONZERO = True
+        C.BLOCK[kind], C.POWER[kind] = old
+        C._KEEP_NONZERO = True
 
 
 def main():

@@ -1,7 +1,7 @@
 """Our optimizers beside their peers, side by side in one run, each cell in a fresh process.
 
     pip install -e '.[bench]'      # HeavyBall and pytorch_optimizer
-    python bench/peers.py [--sizes 200x10000,20x1000000] [--steps 10] [--out bench/results-peers.json]
+    python bench/peers.py [--sizes 200x10000,20x1000000] [--steps 10] [--out bench/results/results-peers.json]
 
 Every cell builds ``N`` parameters of ``M`` elements, then steps as a training loop does: before
 each step ``zero_grad()`` and a backward pass (of ``sum((p * w).sum())`` with fixed random ``w``)
@@ -21,89 +21,96 @@ Rows whose package is not installed are reported as missing, not dropped silentl
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cells import CellFailed, run_json  # noqa: E402
+from cells import CellFailed, run_cell  # noqa: E402
 
-ADEMAMIX = "lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, eps=1e-8"
-# name -> (module to import, how to build the optimizer from `params`, whether to compile opt.step
-# (True, or the keyword arguments of torch.compile as source)[, the arguments of zero_grad])
-CODEGEN = 'options=memopt_func.compiled.cpu_codegen.inductor_options(torch.device("cpu"))'
+ADEMAMIX = {"lr": 1e-3, "betas": [0.9, 0.999, 0.9999], "alpha": 5.0, "eps": 1e-8}
+LR = {"lr": 1e-3}
+# name -> (the optimizer class's dotted path, its keyword arguments (a list stands for a tuple),
+# whether to compile opt.step: False, True, CODEGEN or torch.compile's keyword arguments
+# [, the keyword arguments of zero_grad]); JSON, as it goes to the cell's process
+CODEGEN = "cpu_codegen"  # options=memopt_func.compiled.cpu_codegen.inductor_options(torch.device("cpu"))
 
 CANDIDATES = {
-    "torch.optim.AdamW, torch.compile(opt.step)": ("torch", "torch.optim.AdamW(params, lr=1e-3)", True),
-    "torch.optim.AdamW, torch.compile(opt.step, options=cpu_codegen)": (
-        "torch", "torch.optim.AdamW(params, lr=1e-3)", CODEGEN),
-    "compiled.AdEMAMix": ("memopt_func", f"memopt_func.compiled.AdEMAMix(params, {ADEMAMIX})", False),
-    "optim.AdEMAMix, torch.compile(opt.step)": ("memopt_func", f"memopt_func.optim.AdEMAMix(params, {ADEMAMIX})", True),
-    "optim.AdEMAMix, eager": ("memopt_func", f"memopt_func.optim.AdEMAMix(params, {ADEMAMIX})", False),
-    "HeavyBall AdEMAMix (compiles its step)": ("heavyball", f"heavyball.AdEMAMix(params, {ADEMAMIX})", False),
-    "pytorch_optimizer AdEMAMix, eager": ("pytorch_optimizer", f"pytorch_optimizer.AdEMAMix(params, {ADEMAMIX})", False),
-    "compiled.Adam_CM": ("memopt_func", "memopt_func.compiled.Adam_CM(params, lr=1e-3)", False),
-    "optim.Adam_CM, torch.compile(opt.step)": ("memopt_func", "memopt_func.optim.Adam_CM(params, lr=1e-3)", True),
+    "torch.optim.AdamW, torch.compile(opt.step)": ("torch.optim.AdamW", LR, True),
+    "torch.optim.AdamW, torch.compile(opt.step, options=cpu_codegen)": ("torch.optim.AdamW", LR, CODEGEN),
+    "compiled.AdEMAMix": ("memopt_func.compiled.AdEMAMix", ADEMAMIX, False),
+    "optim.AdEMAMix, torch.compile(opt.step)": ("memopt_func.optim.AdEMAMix", ADEMAMIX, True),
+    "optim.AdEMAMix, eager": ("memopt_func.optim.AdEMAMix", ADEMAMIX, False),
+    "HeavyBall AdEMAMix (compiles its step)": ("heavyball.AdEMAMix", ADEMAMIX, False),
+    "pytorch_optimizer AdEMAMix, eager": ("pytorch_optimizer.AdEMAMix", ADEMAMIX, False),
+    "compiled.Adam_CM": ("memopt_func.compiled.Adam_CM", LR, False),
+    "optim.Adam_CM, torch.compile(opt.step)": ("memopt_func.optim.Adam_CM", LR, True),
     "optim.Adam_CM, torch.compile(opt.step), zero_grad(set_to_none=False)": (
-        "memopt_func", "memopt_func.optim.Adam_CM(params, lr=1e-3)", True, "set_to_none=False"),
-    "optim.Adam_CM, eager": ("memopt_func", "memopt_func.optim.Adam_CM(params, lr=1e-3)", False),
-    "compiled.Adam_C": ("memopt_func", "memopt_func.compiled.Adam_C(params, lr=1e-3)", False),
-    "compiled.SGD_C": ("memopt_func", "memopt_func.compiled.SGD_C(params, lr=1e-3, momentum=0.9)", False),
-    "compiled.RMSprop_C": ("memopt_func", "memopt_func.compiled.RMSprop_C(params, lr=1e-3)", False),
+        "memopt_func.optim.Adam_CM", LR, True, {"set_to_none": False}),
+    "optim.Adam_CM, eager": ("memopt_func.optim.Adam_CM", LR, False),
+    "compiled.Adam_C": ("memopt_func.compiled.Adam_C", LR, False),
+    "compiled.SGD_C": ("memopt_func.compiled.SGD_C", {"lr": 1e-3, "momentum": 0.9}, False),
+    "compiled.RMSprop_C": ("memopt_func.compiled.RMSprop_C", LR, False),
 }
 BASELINE = "torch.optim.AdamW, torch.compile(opt.step)"
 
-CELL = r"""
-import importlib, json, statistics, sys, time, torch
-import memopt_func, memopt_func.compiled
-module = importlib.import_module({module!r})
-globals()[{module!r}.split(".")[0]] = module
-n, size, steps = {n}, {size}, {steps}
-gen = torch.Generator().manual_seed(0)
-params = [torch.nn.Parameter(torch.randn(size, generator=gen)) for _ in range(n)]
-weights = [torch.randn(size, generator=gen) for _ in range(n)]
-opt = {make}
-step = torch.compile(opt.step{compile_kwargs}) if {compile_step} else opt.step
 
-def backward():
-    opt.zero_grad({zero_grad})
-    sum((p * w).sum() for p, w in zip(params, weights)).backward()
+def peer_cell(candidate: list, n: int, size: int, steps: int) -> dict:
+    """One ``CANDIDATES`` entry over ``n`` parameters of ``size`` elements, stepped as a training
+    loop does: the median step and whole iteration in ms after 3 warm-up steps, and the first
+    step in seconds. Run it through ``run_cell``, with an empty Inductor cache."""
+    import torch
 
-backward()
-t0 = time.perf_counter()
-step()
-first = time.perf_counter() - t0
-for _ in range(3):
+    import memopt_func.compiled  # noqa: F401  (every cell, so that none pays this import in its first step)
+    from cells import resolve
+    from memopt_func.apps.benchmarking import time_once, time_steps
+
+    path, kwargs, compile_step, *zero_grad = candidate
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(size, generator=gen)) for _ in range(n)]
+    weights = [torch.randn(size, generator=gen) for _ in range(n)]
+    opt = resolve(path)(params, **kwargs)
+    if compile_step == CODEGEN:
+        from memopt_func.compiled.cpu_codegen import inductor_options
+
+        compile_step = {"options": inductor_options(torch.device("cpu"))}
+    step = torch.compile(opt.step, **(compile_step if isinstance(compile_step, dict) else {})) if compile_step else opt.step
+
+    def backward():
+        opt.zero_grad(**(zero_grad[0] if zero_grad else {}))
+        sum((p * w).sum() for p, w in zip(params, weights)).backward()
+
     backward()
-    step()
-times, iters = [], []
-for _ in range(steps):
-    t0 = time.perf_counter()
-    backward()
-    t1 = time.perf_counter()
-    step()
-    t2 = time.perf_counter()
-    times.append(t2 - t1)
-    iters.append(t2 - t0)
-print(json.dumps({{"ms": 1e3 * statistics.median(times), "iter_ms": 1e3 * statistics.median(iters), "first_s": first}}))
-"""
+    first = time_once(step)
+    for _ in range(3):
+        backward()
+        step()
+    times = []
+
+    def iteration():  # timed whole; its step timed inside it
+        backward()
+        times.append(time_once(step))
+
+    iters = time_steps(iteration, warmup=0, repeats=steps)
+    return {"ms": 1e3 * statistics.median(times), "iter_ms": 1e3 * statistics.median(iters), "first_s": first}
 
 
-def run_cell(name: str, n: int, size: int, steps: int) -> dict:
-    module, make, compile_step, *zero_grad = CANDIDATES[name]
+def run_peer(name: str, n: int, size: int, steps: int) -> dict:
+    """``peer_cell`` of candidate ``name`` in a fresh process, or what kept it from running."""
+    candidate = CANDIDATES[name]
+    module = candidate[0].split(".")[0]
     try:
-        __import__(module)
+        importlib.import_module(module)
     except ImportError:
         return {"missing": f"{module} is not installed (pip install -e '.[bench]')"}
-    code = CELL.format(
-        module=module, make=make, compile_step=bool(compile_step), zero_grad="".join(zero_grad), n=n, size=size,
-        steps=steps, compile_kwargs=f", {compile_step}" if isinstance(compile_step, str) else "",
-    )
     try:
-        return run_json(code, empty_inductor_cache=True)
+        return run_cell(peer_cell, candidate, n, size, steps, empty_inductor_cache=True)
     except CellFailed as e:  # reported in the table, not raised: one broken peer keeps the others
         return {"error": e.last_line()}
 
@@ -166,7 +173,7 @@ def main(argv=None) -> int:
     for s in sizes:
         n, size = (int(x) for x in s.split("x"))
         for name in names:
-            table[name][s] = run_cell(name, n, size, args.steps)
+            table[name][s] = run_peer(name, n, size, args.steps)
             print(json.dumps({"size": s, "name": name, **table[name][s]}), flush=True)
     text = markdown(info, table, sizes)
     print(text)

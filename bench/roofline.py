@@ -1,6 +1,6 @@
 """Step time of every rule against the byte roofline, side by side in one run.
 
-    python bench/roofline.py [--sizes 200x10000,20x1000000] [--out bench/results-cpu.json]
+    python bench/roofline.py [--sizes 200x10000,20x1000000] [--out bench/results/results-cpu.json]
 
 For each size (tensors x elements) and rule: our compiled ``Stepper`` (flat buffers, gradients
 already in the flat gradient buffer), our eager step (drop-in where one exists, else the pure
@@ -23,7 +23,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import torch
 
@@ -31,7 +30,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from memopt_func.compiled import Stepper  # noqa: E402
 from memopt_func import optim, rules  # noqa: E402
-from memopt_func.apps.benchmarking import stream_bandwidth, synchronize, time_steps  # noqa: E402
+from memopt_func.apps.benchmarking import stream_bandwidth, time_once, time_steps  # noqa: E402
 from published_style import PUBLISHED_STYLE  # noqa: E402
 
 CONFIGS = {
@@ -84,10 +83,7 @@ def time_compiled(name: str, shapes, device, steps: int) -> tuple[float, float]:
     stepper = Stepper(rule, [torch.randn(s, device=device) for s in shapes])
     for g in stepper._grads:
         g.normal_()
-    start = time.perf_counter()
-    stepper.step(stepper._grad_views)
-    synchronize(device)
-    first = time.perf_counter() - start
+    first = time_once(lambda: stepper.step(stepper._grad_views), device)
     return _median_time(lambda: stepper.step(stepper._grad_views), device, steps, warmup=12), first
 
 
@@ -140,10 +136,7 @@ def compile_seconds(n_tensors: int, device) -> float:
     with torch._inductor.config.patch(fx_graph_cache=False):
         rule = rules.Adam_CM()
         stepper = Stepper(rule, [torch.randn(s, device=device) for s in shapes])
-        start = time.perf_counter()
-        stepper.step(stepper._grad_views)
-        synchronize(device)
-        return time.perf_counter() - start
+        return time_once(lambda: stepper.step(stepper._grad_views), device)
 
 
 def main(argv=None) -> int:
@@ -153,7 +146,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per cell (median reported)")
     parser.add_argument("--compile-tensors", default="10,100,1000", help="tensor counts for the compile-time sweep")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results-cpu.json"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "results-cpu.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     streams = stream_bandwidth(device=device)

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     import torch
 
     from memopt_func import compiled
-    from memopt_func.apps.benchmarking import make_params, synchronize
+    from memopt_func.apps.benchmarking import make_params, time_steps
 
     device = torch.device(args.device)
     for name in args.rules.split(","):
@@ -41,15 +41,14 @@ def main(argv=None) -> int:
             opt = getattr(compiled, name)(make_params(n * numel, n, torch.float32, device), lr=1e-3)
             for _ in range(6):  # compile, warm up and (on CUDA) capture
                 opt.step()
-            synced, host = [], []
-            for _ in range(args.steps):
-                synchronize(device)
+            host: list[float] = []
+
+            def step() -> None:  # timed synced by time_steps; here until the call returns
                 start = time.perf_counter()
                 opt.step()
-                returned = time.perf_counter()
-                synchronize(device)
-                host.append(returned - start)
-                synced.append(time.perf_counter() - start)
+                host.append(time.perf_counter() - start)
+
+            synced = time_steps(step, warmup=0, repeats=args.steps, device=device)
             print(json.dumps({
                 "tree": args.label or args.tree, "rule": name, "size": size,
                 "ms": 1e3 * statistics.median(synced), "min_ms": 1e3 * min(synced), "host_ms": 1e3 * statistics.median(host),

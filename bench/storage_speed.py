@@ -18,11 +18,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from cells import CellFailed, run_cell  # noqa: E402
 
 SETTINGS = {
     "fp32": dict(),
@@ -35,8 +37,11 @@ WIDTH = {"fp32": 4.0, "bf16-nearest": 2.0, "bf16-stochastic": 2.0, "int8": 1.0 +
 
 
 def cell(rule_name: str, setting: str, shape: str, steps: int) -> dict:
+    """One rule at one storage setting: the compiled ``Stepper``'s first step in seconds, its
+    median step after 5 more, the bytes it must move and the streaming bandwidth measured here.
+    Run it through ``run_cell``: each cell compiles in its own process."""
     from memopt_func import rules
-    from memopt_func.apps.benchmarking import stream_bandwidth
+    from memopt_func.apps.benchmarking import stream_bandwidth, time_once, time_steps
     from memopt_func.compiled import Stepper
 
     n, size = (int(v) for v in shape.split("x"))
@@ -47,16 +52,8 @@ def cell(rule_name: str, setting: str, shape: str, steps: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     stepper = Stepper(rule, [torch.randn(size, generator=gen) for _ in range(n)])
     grads = [torch.randn(size, generator=gen) for _ in range(n)]
-    start = time.perf_counter()
-    stepper.step(grads)
-    first = time.perf_counter() - start
-    for _ in range(5):
-        stepper.step(grads)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        stepper.step(grads)
-        times.append(time.perf_counter() - t0)
+    first = time_once(lambda: stepper.step(grads))
+    times = time_steps(lambda: stepper.step(grads), warmup=5, repeats=steps)
     state = rule._init([torch.empty(3, device="meta")])
     base = getattr(state, "base", state)
     moments = sum(1 for f in base._fields if isinstance(getattr(base, f), tuple) and getattr(base, f))
@@ -77,22 +74,15 @@ def main() -> None:
     ap.add_argument("--shape", default="20x1000000")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rules", default="AdamW,AdEMAMix,Adam_CM")
-    ap.add_argument("--cell", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.cell:
-        print(json.dumps(cell(args.cell[0], args.cell[1], args.shape, args.steps)))
-        return
     rows = []
     for rule_name in args.rules.split(","):
         for setting in SETTINGS:
-            out = subprocess.run(
-                [sys.executable, __file__, "--cell", rule_name, setting, "--shape", args.shape, "--steps", str(args.steps)],
-                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
-            )
-            if out.returncode:
-                print(out.stderr[-2000:], file=sys.stderr)
+            try:
+                rows.append(run_cell(cell, rule_name, setting, args.shape, args.steps))
+            except CellFailed as e:
+                print(e.stderr[-2000:], file=sys.stderr)
                 continue
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # each cell as it finishes
     print("| rule | state | layout | step ms | vs fp32 | MB moved | roofline fraction |")
     print("|---|---|---|---|---|---|---|")

@@ -22,77 +22,80 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cells import run_json  # noqa: E402
+from cells import run_cell  # noqa: E402
 
+# name -> (the dotted path of a compiled drop-in, or with --stepper of a rule, and its keyword
+# arguments); ADAMW is torch.optim.AdamW with a tensor lr and its step compiled
+ADAMW = ("torch.optim.AdamW", {})
 DROP_INS = {
-    "AdEMAMix": "memopt_func.compiled.AdEMAMix(params, lr=1e-3)",
-    "Adam_CM": "memopt_func.compiled.Adam_CM(params, lr=1e-3)",
-    "Adam_C": "memopt_func.compiled.Adam_C(params, lr=1e-3)",
-    "SGD_C": "memopt_func.compiled.SGD_C(params, lr=1e-3, momentum=0.9)",
-    "RMSprop_C": "memopt_func.compiled.RMSprop_C(params, lr=1e-3)",
+    "AdEMAMix": ("memopt_func.compiled.AdEMAMix", {"lr": 1e-3}),
+    "Adam_CM": ("memopt_func.compiled.Adam_CM", {"lr": 1e-3}),
+    "Adam_C": ("memopt_func.compiled.Adam_C", {"lr": 1e-3}),
+    "SGD_C": ("memopt_func.compiled.SGD_C", {"lr": 1e-3, "momentum": 0.9}),
+    "RMSprop_C": ("memopt_func.compiled.RMSprop_C", {"lr": 1e-3}),
 }
 STEPPERS = {
-    "Stepper(Adam)": "rules.Adam()",
-    "Stepper(AdamW)": "rules.AdamW()",
-    "Stepper(Adam_C)": "rules.Adam_C()",
-    "Stepper(Adam_C, aggr='buffer')": "rules.Adam_C(aggr='buffer')",
-    "Stepper(Adam_C, kappa=0.5)": "rules.Adam_C(kappa=0.5)",
-    "Stepper(Adam_CM)": "rules.Adam_CM()",
-    "Stepper(Adam_CM, aggr='sum')": "rules.Adam_CM(aggr='sum')",
+    "Stepper(Adam)": ("memopt_func.rules.Adam", {}),
+    "Stepper(AdamW)": ("memopt_func.rules.AdamW", {}),
+    "Stepper(Adam_C)": ("memopt_func.rules.Adam_C", {}),
+    "Stepper(Adam_C, aggr='buffer')": ("memopt_func.rules.Adam_C", {"aggr": "buffer"}),
+    "Stepper(Adam_C, kappa=0.5)": ("memopt_func.rules.Adam_C", {"kappa": 0.5}),
+    "Stepper(Adam_CM)": ("memopt_func.rules.Adam_CM", {}),
+    "Stepper(Adam_CM, aggr='sum')": ("memopt_func.rules.Adam_CM", {"aggr": "sum"}),
 }
 
-CELL = r"""
-import json, statistics, sys, time, torch
-import torch._inductor.config as inductor
-import memopt_func, memopt_func.compiled
-from memopt_func import rules
-from memopt_func.compiled import Stepper
-if {simdlen!r} is not None:
-    inductor.cpp.simdlen = {simdlen!r}
-n, size, cells, stepper = {n}, {size}, {cells!r}, {stepper!r}
 
-def build(make):
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(size, generator=gen)) for _ in range(n)]
-    grads = [torch.randn(size, generator=gen) for _ in range(n)]
-    if make == "AdamW":
-        opt = torch.optim.AdamW(params, lr=torch.tensor(1e-3))
-        step = torch.compile(opt.step)
-    elif stepper:
-        st = Stepper(eval(make), [p.detach() for p in params])
-        step = lambda: st.step(grads, lr=1e-3)
-    else:
-        opt = eval(make)
-        step = opt.step
-    for p, g in zip(params, grads):
-        p.grad = g
-    for _ in range(12):
-        step()
-    return step
+def width_cell(simdlen: int | None, n: int, size: int, cells: dict[str, list], stepper: bool) -> dict[str, float]:
+    """Median ms per step of each cell (name -> ``(path, kwargs)``), every one built and warmed up
+    (12 steps) first, then timed in five rounds of eight steps, the cells alternating. Run it
+    through ``run_cell``: it sets Inductor's ``cpp.simdlen`` in the process it runs in."""
+    import torch
+    import torch._inductor.config as inductor
 
-steps = {{name: build(make) for name, make in cells.items()}}
-rounds = {{name: [] for name in steps}}
-for _ in range(5):
-    for name, step in steps.items():
-        t0 = time.perf_counter()
-        for _ in range(8):
+    from cells import resolve
+    from memopt_func.apps.benchmarking import time_steps
+    from memopt_func.compiled import Stepper
+
+    if simdlen is not None:
+        inductor.cpp.simdlen = simdlen
+
+    def build(path, kwargs):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(size, generator=gen)) for _ in range(n)]
+        grads = [torch.randn(size, generator=gen) for _ in range(n)]
+        if path == ADAMW[0]:
+            opt = torch.optim.AdamW(params, lr=torch.tensor(1e-3))
+            step = torch.compile(opt.step)
+        elif stepper:
+            st = Stepper(resolve(path)(**kwargs), [p.detach() for p in params])
+            step = lambda: st.step(grads, lr=1e-3)  # noqa: E731
+        else:
+            step = resolve(path)(params, **kwargs).step
+        for p, g in zip(params, grads):
+            p.grad = g
+        for _ in range(12):
             step()
-        rounds[name].append((time.perf_counter() - t0) / 8 * 1e3)
-print(json.dumps({{name: statistics.median(r) for name, r in rounds.items()}}))
-"""
+        return step
+
+    steps = {name: build(*make) for name, make in cells.items()}
+    rounds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(5):
+        for name, step in steps.items():
+            rounds[name].append(statistics.fmean(time_steps(step, warmup=0, repeats=8)) * 1e3)
+    return {name: statistics.median(r) for name, r in rounds.items()}
 
 
 def run_width(
-    simdlen: int | None, n: int, size: int, cells: dict[str, str], stepper: bool, env: dict[str, str] | None = None
+    simdlen: int | None, n: int, size: int, cells: dict[str, tuple], stepper: bool, env: dict[str, str] | None = None
 ) -> dict[str, float]:
-    """Median ms per cell in a fresh process at the given ``cpp.simdlen`` (None: Inductor's default),
-    with ``env`` added to its environment."""
-    code = CELL.format(simdlen=simdlen, n=n, size=size, cells=cells, stepper=stepper)
-    return run_json(code, env=env, empty_inductor_cache=True)
+    """``width_cell`` in a fresh process with an empty Inductor cache at the given ``cpp.simdlen``
+    (None: Inductor's default), with ``env`` added to its environment."""
+    return run_cell(width_cell, simdlen, n, size, cells, stepper, env=env, empty_inductor_cache=True)
 
 
 def main(argv=None) -> int:
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     n, size = (int(x) for x in args.size.split("x"))
-    cells = {"AdamW": "AdamW", **(STEPPERS if args.stepper else DROP_INS)}
+    cells = {"AdamW": ADAMW, **(STEPPERS if args.stepper else DROP_INS)}
     default = run_width(None, n, size, cells, args.stepper)
     if args.plain_march:
         label, key, shown = "TORCHINDUCTOR_CPP_MARCH=native", "plain_march", list(cells)

@@ -8,7 +8,6 @@ a step is from being purely memory-bound on this machine.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass, field
@@ -105,12 +104,11 @@ def plot(cells: list[benchmarking.StepTiming], bandwidth: float, cfg: BenchConfi
 
 
 def write_results(cells: list[benchmarking.StepTiming], bandwidth: float, cfg: BenchConfig) -> list[Path]:
-    csv_path = cfg.out / "results.csv"
-    with csv_path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["optimizer", "mode", "params", "median_s", "min_s", "repeats", "state_bytes", "bytes_per_step", "roofline_s"])
-        for c in cells:
-            w.writerow([c.optimizer, c.mode, c.params, c.median_s, c.min_s, c.repeats, c.state_bytes, c.bytes_per_step, c.roofline_s(bandwidth)])
+    csv_path = common.write_csv(
+        cfg.out / "results.csv",
+        ["optimizer", "mode", "params", "median_s", "min_s", "repeats", "state_bytes", "bytes_per_step", "roofline_s"],
+        ([c.optimizer, c.mode, c.params, c.median_s, c.min_s, c.repeats, c.state_bytes, c.bytes_per_step, c.roofline_s(bandwidth)] for c in cells),
+    )
     json_path = cfg.out / "results.json"
     json_path.write_text(
         json.dumps(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import os
 import sys
@@ -218,3 +219,12 @@ def prepare_out(out: Path) -> Path:
     if not os.access(out, os.W_OK):
         raise CLIError(f"output folder {str(out)!r} is not writable")
     return out
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """``path`` as a CSV file: the header line, then one line per row; returns path."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path

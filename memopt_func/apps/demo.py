@@ -8,7 +8,6 @@ full training and validation sets are evaluated every ``eval_every`` steps.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import statistics
@@ -235,15 +234,15 @@ def plot(results: list[RunResult], cfg: DemoConfig) -> list[Path]:
 
 
 def write_results(results: list[RunResult], cfg: DemoConfig) -> list[Path]:
-    csv_path = cfg.out / "results.csv"
-    with csv_path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(HEADERS)
-        for r in results:
-            w.writerow(
-                [r.optimizer, r.hyper["lr"], r.final("train_loss"), r.final("train_acc"), r.final("val_loss"), r.final("val_acc"),
-                 r.step_ms, r.iter_ms, r.state_bytes_per_param, "" if r.admitted is None else r.admitted]
-            )
+    csv_path = common.write_csv(
+        cfg.out / "results.csv",
+        HEADERS,
+        (
+            [r.optimizer, r.hyper["lr"], r.final("train_loss"), r.final("train_acc"), r.final("val_loss"), r.final("val_acc"),
+             r.step_ms, r.iter_ms, r.state_bytes_per_param, "" if r.admitted is None else r.admitted]
+            for r in results
+        ),
+    )
     json_path = cfg.out / "curves.json"
     json_path.write_text(
         json.dumps(

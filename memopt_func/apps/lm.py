@@ -23,7 +23,6 @@ sums all-reduced, so every rank holds the same validation loss. Only rank 0 prin
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import statistics
@@ -431,11 +430,7 @@ def run_sweep(cfg: LMConfig, log: Callable[[str], None] = print, dd: Dist = Dist
     for r in runs:
         if r.error:
             log(f"! {r.optimizer} lr {r.lr:g}: {r.error}")
-    path_csv = cfg.out / "lr_sweep.csv"
-    with path_csv.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(SWEEP_HEADERS)
-        w.writerows(rows)
+    path_csv = common.write_csv(cfg.out / "lr_sweep.csv", SWEEP_HEADERS, rows)
     path_json = cfg.out / "lr_sweep.json"
     path_json.write_text(json.dumps({"config": config_dict(cfg), "corpus": corpus.description, "best": best, "runs": [asdict(r) for r in runs]}, indent=1))
     plt = common.pyplot()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import statistics
@@ -175,17 +174,16 @@ def config_dict(cfg: LMConfig) -> dict[str, Any]:
 
 def write_results(runs: list[Run], rows: list[list[Any]], cfg: LMConfig, corpus: Corpus, target: float, dd: Dist = Dist()) -> list[Path]:
     curves_csv = cfg.out / "curves.csv"
-    with curves_csv.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["optimizer", "seed", "lr", "step", "tokens", "val_loss", "train_loss"])
-        for r in runs:
-            for step, val, train in zip(r.steps, r.val_loss, r.train_loss):
-                w.writerow([r.optimizer, r.seed, r.lr, step, step * cfg.tokens_per_step, val, "" if math.isnan(train) else train])
-    results_csv = cfg.out / "results.csv"
-    with results_csv.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(HEADERS)
-        w.writerows(rows)
+    common.write_csv(
+        curves_csv,
+        ["optimizer", "seed", "lr", "step", "tokens", "val_loss", "train_loss"],
+        (
+            [r.optimizer, r.seed, r.lr, step, step * cfg.tokens_per_step, val, "" if math.isnan(train) else train]
+            for r in runs
+            for step, val, train in zip(r.steps, r.val_loss, r.train_loss)
+        ),
+    )
+    results_csv = common.write_csv(cfg.out / "results.csv", HEADERS, rows)
     json_path = cfg.out / "curves.json"
     json_path.write_text(
         json.dumps(

@@ -13,7 +13,6 @@ leaves do not interact there either.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass, field
@@ -278,12 +277,11 @@ def plot_summary(runs: list[SurfaceRun], cfg: SurfacesConfig) -> Path:
 
 
 def write_results(runs: list[SurfaceRun], cfg: SurfacesConfig) -> list[Path]:
-    csv_path = cfg.out / "results.csv"
-    with csv_path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["function", "optimizer", "lr", "success", "median", "q25", "q75", "max"])
-        for r in runs:
-            w.writerow([r.function, r.optimizer, r.lr, r.success, r.quantile(0.5), r.quantile(0.25), r.quantile(0.75), float(r.final_loss.max())])
+    csv_path = common.write_csv(
+        cfg.out / "results.csv",
+        ["function", "optimizer", "lr", "success", "median", "q25", "q75", "max"],
+        ([r.function, r.optimizer, r.lr, r.success, r.quantile(0.5), r.quantile(0.25), r.quantile(0.75), float(r.final_loss.max())] for r in runs),
+    )
     json_path = cfg.out / "final_points.json"
     json_path.write_text(
         json.dumps(
@@ -433,12 +431,10 @@ def run_toy(cfg: RosenbrockToyConfig, log: Callable[[str], None] = print) -> int
     plt.close(fig)
 
     every = max(1, cfg.steps // 1000)
-    csv_path = cfg.out / "rosenbrock_toy.csv"
-    with csv_path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["run", "step", "x", "y", "distance"])
-        for label, p in paths.items():
-            for t in range(0, cfg.steps + 1, every):
-                w.writerow([label, t, float(p[t, 0]), float(p[t, 1]), float(dist[label][t])])
+    csv_path = common.write_csv(
+        cfg.out / "rosenbrock_toy.csv",
+        ["run", "step", "x", "y", "distance"],
+        ([label, t, float(p[t, 0]), float(p[t, 1]), float(dist[label][t])] for label, p in paths.items() for t in range(0, cfg.steps + 1, every)),
+    )
     log(f"wrote {png}, {csv_path}")
     return 0

@@ -22,7 +22,7 @@ from torch import Tensor
 from memopt_func import _tree, checkpoint, sharding
 from memopt_func import critical_buffer as cb
 from memopt_func.groups import explode
-from memopt_func._rule import Rule
+from memopt_func.rules import Rule
 
 from . import cpu_codegen
 from .flat import FlatLayout, flat_state, per_tensor_steps, per_tensor_views, steps_agree
