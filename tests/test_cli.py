@@ -265,3 +265,23 @@ def test_demo_with_narrow_state_storage(storage, tmp_path, capsys):
     rows = {r["optimizer"]: r for r in csv.DictReader((out / "results.csv").open())}
     if storage == "bf16":  # this package's AdamW rule with bf16 state (the demo's tensors are too small for int8)
         assert float(rows["AdamW"]["state B/param"]) < 8.0
+
+
+def test_demo_set_reaches_the_optimizer_and_the_outputs(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", *TINY_DEMO, "--optimizers", "Adam_CM,AdamW", "--set", "Adam_CM:topC=2,buffer_dtype=torch.bfloat16",
+            "--set", "adamw:beta2=0.99", "--out", out]
+    assert run_cli(*argv) == 0
+    assert "--set Adam_CM:topC=2,buffer_dtype=torch.bfloat16" in capsys.readouterr().out
+    data = json.loads((out / "curves.json").read_text())
+    runs = {r["optimizer"]: r["hyper"] for r in data["runs"]}
+    assert runs["Adam_CM"]["topC"] == 2 and runs["Adam_CM"]["buffer_dtype"] == "torch.bfloat16"
+    assert runs["AdamW"]["betas"] == [0.9, 0.99]
+    assert data["config"]["hyper"]["AdamW"] == {"beta2": 0.99}
+
+
+def test_demo_set_refused_by_the_optimizer_names_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        run_cli("demo", *TINY_DEMO, "--set", "SGD_C:momentum=-1", "--out", tmp_path / "d")
+    assert info.value.code == 2
+    assert "--set SGD_C:momentum=-1" in capsys.readouterr().err

@@ -253,3 +253,50 @@ def test_a_failing_optimizer_is_reported_and_the_others_kept(monkeypatch, tmp_pa
     text = capsys.readouterr().out
     assert "! Adam_C seed 0: RuntimeError: boom" in text
     assert (tmp_path / "loss_curves.png").exists()
+
+
+# --- --set: any constructor argument of one optimizer ----------------------------------------
+
+
+def test_set_reaches_the_optimizer_and_is_echoed(monkeypatch, tmp_path, capsys):
+    real, made = lm.catalog.make_optimizer, {}
+
+    def make_optimizer(name, params, **hyper):
+        made[name] = hyper
+        return real(name, params, **hyper)
+
+    monkeypatch.setattr(lm.catalog, "make_optimizer", make_optimizer)
+    argv = ["lm", *TINY, "--optimizers", "AdEMAMix,Adam_CM", "--set", "AdEMAMix:beta3=0.999,alpha=8",
+            "--set", "Adam_CM:topC=10,decay=0.99", "--set", "AdEMAMix:alpha_warmup=None", "--out", tmp_path]
+    assert run_cli(*argv) == 0
+    assert made["AdEMAMix"]["betas"] == (0.9, 0.999, 0.999) and made["AdEMAMix"]["alpha"] == 8
+    assert made["AdEMAMix"]["alpha_warmup"] is None and made["AdEMAMix"]["beta3_warmup"] == 6  # the run-long default kept
+    assert made["Adam_CM"]["topC"] == 10 and made["Adam_CM"]["decay"] == 0.99
+    text = capsys.readouterr().out
+    assert "--set AdEMAMix:beta3=0.999,alpha=8,alpha_warmup=None" in text and "--set Adam_CM:topC=10,decay=0.99" in text
+    config = json.loads((tmp_path / "curves.json").read_text())["config"]
+    assert config["hyper"] == {"AdEMAMix": {"beta3": 0.999, "alpha": 8, "alpha_warmup": None}, "Adam_CM": {"topC": 10, "decay": 0.99}}
+
+
+@pytest.mark.parametrize(
+    "setting, fragment",
+    [
+        ("AdEMAMix:beta4=0.9", "betas have 3 entries, no beta4"),
+        ("AdEMAMix:gamma=1", "AdEMAMix takes no 'gamma'"),
+        ("AdEMAMix:lr=1e-3", "with --lr AdEMAMix=LR"),
+        ("AdEMAMix", "expected NAME:KEY=VALUE"),
+        ("Nope:alpha=1", "unknown optimizer"),
+        ("Adam_CM:topC=(1", "cannot read the value"),
+    ],
+)
+def test_a_bad_set_is_a_usage_error_naming_it(setting, fragment, capsys, tmp_path):
+    assert exit_code("lm", *TINY, "--set", setting, "--out", tmp_path) == 2
+    assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, fragment", [("AdEMAMix:alpha=-1", "invalid alpha: -1"), ("Adam_CM:topC=2.5", "topC")])
+def test_a_value_the_optimizer_refuses_fails_before_training(setting, fragment, capsys, tmp_path):
+    assert exit_code("lm", *TINY, "--set", setting, "--out", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert f"--set {setting.split(':')[0]}:" in err and fragment in err
+    assert not (tmp_path / "curves.json").exists()

@@ -46,6 +46,28 @@ def parse_names(text: str, valid: Iterable[str] = NAMES) -> list[str]:
     return names
 
 
+def constructor_names(name: str) -> list[str]:
+    """The hyperparameters the optimizer ``name`` takes by keyword (its rule's, for a drop-in;
+    the torch.optim constructor's, for a baseline)."""
+    if name in registry.NAMED:
+        return [h.name for h in registry.NAMED[name].rule.HYPERS]
+    if name in TORCH_OPTIM:
+        import inspect
+
+        return [n for n in inspect.signature(getattr(torch.optim, name)).parameters if n != "params"]
+    raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(NAMES)}")
+
+
+def defaults(name: str) -> dict[str, Any]:
+    """The optimizer ``name``'s keyword defaults (``constructor_names`` with their values)."""
+    if name in registry.NAMED:
+        return {h.name: h.default for h in registry.NAMED[name].rule.HYPERS}
+    import inspect
+
+    sig = inspect.signature(getattr(torch.optim, name))
+    return {n: p.default for n, p in sig.parameters.items() if n != "params"}
+
+
 def is_memory(name: str) -> bool:
     """True for this package's drop-ins, False for the torch.optim baselines."""
     return name in registry.NAMED

@@ -71,6 +71,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "--lr", type=common.lr_overrides(), action="append", metavar="NAME=LR",
         help="override learning rates: NAME=LR[,NAME=LR...], or one LR for all; may be repeated",
     )
+    _add_set(p, list(catalog.NAMES))
     p.add_argument("--compiled", action="store_true", help="step the memory optimizers through memopt_func.compiled.compile_optimizer")
     _add_threads(p, 1)
     _add_storage(p)
@@ -86,8 +87,11 @@ def _run_demo(args: argparse.Namespace) -> int:
         optimizers=args.optimizers, steps=args.steps, batch_size=min(args.batch_size, args.train_size),
         n_train=args.train_size, n_val=args.val_size, hidden=args.hidden, eval_every=args.eval_every,
         seed=args.seed, lr=common.merge_lr_overrides(args.lr), out=args.out, compiled=args.compiled, storage=args.storage,
-        progress=not args.no_progress,
+        hyper=common.merge_hyper_overrides(args.set), progress=not args.no_progress,
     )
+    from .demo import DEMO_HYPER
+
+    common.check_hyper_overrides(cfg.hyper, lambda name: {k: v for k, v in DEMO_HYPER[name].items() if k != "lr"}, cfg.storage)
     return run(cfg)
 
 
@@ -99,6 +103,15 @@ def _sizes_text(name: str) -> str:
         f"{name}: {p.layers} layers, d_model {p.d_model}, {p.heads} heads, context {p.context}, batch {p.batch_size}, "
         f"{p.steps} steps, {p.seeds} seed(s), eval every {p.eval_every} steps on {p.eval_tokens} tokens; lr "
         + ", ".join(f"{k} {v:g}" for k, v in p.lr.items())
+    )
+
+
+def _add_set(p: argparse.ArgumentParser, valid: list[str]) -> None:
+    p.add_argument(
+        "--set", type=common.hyper_overrides(valid), action="append", metavar="NAME:KEY=VALUE,...",
+        help="any constructor argument of one optimizer but lr, e.g. AdEMAMix:betas=(0.9,0.999,0.999),alpha=8 or "
+        "AdEMAMix:beta3=0.999 (one entry of betas) or Adam_CM:topC=10,decay=0.99; values are Python literals or "
+        "torch.<dtype>, checked by the optimizer itself; may be repeated (later values win)",
     )
 
 
@@ -147,6 +160,7 @@ def _add_lm(sub: argparse._SubParsersAction) -> None:
         "--lr", type=common.lr_overrides(valid), action="append", metavar="NAME=LR",
         help="override peak learning rates: NAME=LR[,NAME=LR...], or one LR for all; may be repeated",
     )
+    _add_set(p, valid)
     p.add_argument("--lr-sweep", action="store_true", help="sweep the learning rate of each optimizer (one seed) instead")
     p.add_argument(
         "--sweep-lrs", type=_lr_list, default=list(SWEEP_LRS), metavar="LR,LR,...",
@@ -193,10 +207,13 @@ def _run_lm(args: argparse.Namespace) -> int:
     cfg = LMConfig.from_preset(
         args.preset, optimizers=args.optimizers, seed=args.seed, data=args.data, lr=common.merge_lr_overrides(args.lr),
         lr_sweep=args.lr_sweep, sweep_lrs=args.sweep_lrs, compile=args.compile, parallel=args.parallel, out=args.out,
-        storage=args.storage,
+        storage=args.storage, hyper=common.merge_hyper_overrides(args.set),
         progress=not args.no_progress,
         **overrides,
     )
+    from .lm import LM_HYPER, hyper_for
+
+    common.check_hyper_overrides(cfg.hyper, lambda name: {k: v for k, v in hyper_for(name, cfg, 1e-3).items() if k != "lr"} if name in LM_HYPER else {}, cfg.storage)
     return run(cfg)
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -124,6 +126,118 @@ def merge_lr_overrides(groups: Iterable[dict[str, float]] | None) -> dict[str, f
 
 def resolve_lr(name: str, default: float, overrides: dict[str, float]) -> float:
     return overrides.get(name, overrides.get("*", default))
+
+
+def _top_level_split(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets (``betas=(0.9,0.99),eps=1e-6``: two parts)."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if c == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [p.strip() for p in parts + [text[start:]] if p.strip()]
+
+
+def _hyper_value(text: str) -> Any:
+    """A ``--set`` value: a Python literal (``0.999``, ``(0.9, 0.999)``, ``True``, ``None``,
+    ``'nearest'``) or a torch dtype (``torch.bfloat16``); a bare word is taken as a string."""
+    import torch
+
+    if text.startswith("torch.") and isinstance(getattr(torch, text[6:], None), torch.dtype):
+        return getattr(torch, text[6:])
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if text.isidentifier():
+            return text
+        raise argparse.ArgumentTypeError(f"cannot read the value {text!r} (a number, a tuple, True/False/None, a word or torch.<dtype>)") from None
+
+
+def hyper_overrides(valid: Sequence[str] = catalog.NAMES) -> Callable[[str], dict[str, dict[str, Any]]]:
+    """argparse type of ``--set``: ``NAME:KEY=VALUE[,KEY=VALUE...]``, constructor arguments of one
+    optimizer (any but ``lr``, which ``--lr`` sets). The names are checked here; the values by the
+    optimizer itself (``check_hyper_overrides``)."""
+
+    def parse(text: str) -> dict[str, dict[str, Any]]:
+        name, colon, rest = text.partition(":")
+        if not colon or not rest.strip():
+            raise argparse.ArgumentTypeError(f"expected NAME:KEY=VALUE[,KEY=VALUE...], got {text!r}")
+        try:
+            name = catalog.parse_names(name, valid)[0]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        known = catalog.constructor_names(name)
+        out: dict[str, Any] = {}
+        for part in _top_level_split(rest):
+            key, eq, value = part.partition("=")
+            key = key.strip()
+            if not eq or not value.strip():
+                raise argparse.ArgumentTypeError(f"expected KEY=VALUE in --set {name}:..., got {part!r}")
+            if key == "lr":
+                raise argparse.ArgumentTypeError(f"--set {name}: set the learning rate with --lr {name}=LR")
+            beta = _BETA.fullmatch(key)
+            if beta and "betas" in known:  # one entry of ``betas``, the others as they are
+                if int(beta.group(1)) > len(catalog.defaults(name)["betas"]):
+                    raise argparse.ArgumentTypeError(f"--set {name}: {name}'s betas have {len(catalog.defaults(name)['betas'])} entries, no {key}")
+            elif key not in known:
+                raise argparse.ArgumentTypeError(f"--set {name}: {name} takes no {key!r}; it takes {', '.join(known)}")
+            out[key] = _hyper_value(value.strip())
+        return {name: out}
+
+    return parse
+
+
+_BETA = re.compile(r"beta([1-9])")
+
+
+def with_overrides(name: str, hyper: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``hyper`` with ``--set``'s ``overrides`` for ``name`` applied: ``betaN`` replaces entry N of
+    ``betas`` (``hyper``'s, else the optimizer's default), every other key its own value."""
+    out = {**hyper, **{k: v for k, v in overrides.items() if not _BETA.fullmatch(k)}}
+    for key, value in overrides.items():
+        beta = _BETA.fullmatch(key)
+        if beta:
+            betas = list(out.get("betas", catalog.defaults(name)["betas"]))
+            betas[int(beta.group(1)) - 1] = value
+            out["betas"] = tuple(betas)
+    return out
+
+
+def merge_hyper_overrides(groups: Iterable[dict[str, dict[str, Any]]] | None) -> dict[str, dict[str, Any]]:
+    """Several ``--set`` options, later ones winning key by key."""
+    merged: dict[str, dict[str, Any]] = {}
+    for group in groups or ():
+        for name, hyper in group.items():
+            merged.setdefault(name, {}).update(hyper)
+    return merged
+
+
+def check_hyper_overrides(overrides: dict[str, dict[str, Any]], base: Callable[[str], dict[str, Any]], storage: str = "fp32") -> None:
+    """CLIError unless each optimizer accepts its ``--set`` values over ``base(name)`` (its other
+    settings): it is built once over a stand-in parameter, so its own checks decide."""
+    import torch
+
+    for name, hyper in overrides.items():
+        try:
+            catalog.make_optimizer(name, [torch.zeros(2, requires_grad=True)], storage=storage, **with_overrides(name, base(name), hyper))
+        except (ValueError, TypeError) as e:
+            raise CLIError(f"--set {name}:{format_hyper(hyper)}: {e}") from None
+
+
+def format_hyper(hyper: dict[str, Any]) -> str:
+    """``key=value,...`` as ``--set`` takes them (a dtype as ``torch.<dtype>``)."""
+    return ",".join(f"{k}={v}" if type(v).__module__ == "torch" else f"{k}={v!r}" for k, v in hyper.items())
+
+
+def jsonable(value: Any) -> Any:
+    """A ``--set`` value as JSON holds it (tuples as lists, a dtype as its name)."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
 
 
 def add_common(

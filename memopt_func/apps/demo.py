@@ -57,6 +57,7 @@ class DemoConfig:
     compiled: bool = False
     progress: bool = True
     storage: str = "fp32"  # optimizer state storage (``catalog.STORAGE``)
+    hyper: dict[str, dict[str, Any]] = field(default_factory=dict)  # --set overrides, by optimizer
 
 
 @dataclass
@@ -104,7 +105,7 @@ def train_one(
 ) -> RunResult:
     """Train a fresh copy of the demo model with optimizer ``name``."""
     x_tr, y_tr, x_va, y_va = data
-    hyper = dict(DEMO_HYPER[name])
+    hyper = common.with_overrides(name, DEMO_HYPER[name], cfg.hyper.get(name, {}))
     hyper["lr"] = common.resolve_lr(name, hyper["lr"], cfg.lr)
     model = small_mlp(seed=cfg.seed, hidden=cfg.hidden)
     opt = catalog.make_optimizer(name, model.parameters(), storage=cfg.storage, **hyper)
@@ -247,8 +248,8 @@ def write_results(results: list[RunResult], cfg: DemoConfig) -> list[Path]:
     json_path.write_text(
         json.dumps(
             {
-                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()},
-                "runs": [{k: v for k, v in r.__dict__.items()} for r in results],
+                "config": {k: (str(v) if isinstance(v, Path) else common.jsonable(v)) for k, v in cfg.__dict__.items()},
+                "runs": [{k: common.jsonable(v) if k == "hyper" else v for k, v in r.__dict__.items()} for r in results],
             },
             indent=1,
         )
@@ -270,6 +271,8 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> int:
     )
     if cfg.compiled:
         log("--compiled: the memory optimizers step through memopt_func.compiled.compile_optimizer; torch.optim ones stay eager")
+    for name, hyper in cfg.hyper.items():
+        log(f"--set {name}:{common.format_hyper(hyper)}")
     results = []
     for name in cfg.optimizers:
         try:

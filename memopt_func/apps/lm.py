@@ -130,6 +130,7 @@ class LMConfig:
     val_fraction: float = 0.05
     data: Path | None = None
     lr: dict[str, float] = field(default_factory=dict)  # --lr overrides
+    hyper: dict[str, dict[str, Any]] = field(default_factory=dict)  # --set overrides, by optimizer
     lr_sweep: bool = False
     sweep_lrs: list[float] = field(default_factory=lambda: list(SWEEP_LRS))
     compile: bool = False
@@ -187,10 +188,12 @@ def lr_factor(step: int, cfg: LMConfig) -> float:
 
 
 def hyper_for(name: str, cfg: LMConfig, lr: float) -> dict[str, Any]:
-    hyper = {**LM_HYPER[name], "lr": lr}
+    """The optimizer's settings in this run: ``LM_HYPER``'s (AdEMAMix's warm-ups over the whole
+    run), then ``--set``'s, then the learning rate."""
+    hyper = dict(LM_HYPER[name])
     if name == "AdEMAMix":
         hyper.update(beta3_warmup=cfg.steps, alpha_warmup=cfg.steps)
-    return hyper
+    return {**common.with_overrides(name, hyper, cfg.hyper.get(name, {})), "lr": lr}
 
 
 def make_optimizer(name: str, model: nn.Module, cfg: LMConfig, lr: float) -> torch.optim.Optimizer:
@@ -313,6 +316,8 @@ def describe(cfg: LMConfig, corpus: Corpus, dd: Dist = Dist()) -> list[str]:
         f"cosine to {cfg.min_lr_ratio:g}x; validation on {len(eval_windows(corpus.val, cfg.context, cfg.eval_tokens)[0]) * cfg.context} "
         f"tokens every {cfg.eval_every} steps; {torch.get_num_threads()} thread(s), torch {torch.__version__}",
     ]
+    for name, hyper in cfg.hyper.items():
+        lines.append(f"--set {name}:{common.format_hyper(hyper)} (with the others: {common.format_hyper(hyper_for(name, cfg, cfg.peak_lr(name)))})")
     if cfg.storage != "fp32":
         lines.append(f"optimizer state stored as {cfg.storage} (state_dtype and buffer_dtype; AdamW/Adam: this package's rules)")
     if dd.mode is not None:

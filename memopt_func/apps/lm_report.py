@@ -169,7 +169,7 @@ def plot(summaries: list[Summary], cfg: LMConfig, target: float, base_name: str 
 
 
 def config_dict(cfg: LMConfig) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    return {k: (str(v) if isinstance(v, Path) else common.jsonable(v) if k == "hyper" else v) for k, v in asdict(cfg).items()}
 
 
 def write_results(runs: list[Run], rows: list[list[Any]], cfg: LMConfig, corpus: Corpus, target: float, dd: Dist = Dist()) -> list[Path]:

@@ -25,6 +25,7 @@ from memopt_func.groups import explode
 from memopt_func.rules import Rule
 
 from . import cpu_codegen
+from .hyper_tensors import ZERO_IS_CONSTANT, as_tensor, hold, kinds, same_number
 from .flat import FlatLayout, flat_state, per_tensor_steps, per_tensor_views, steps_agree
 
 
@@ -122,7 +123,7 @@ class Stepper:
         self._step_state = state
         device = self._step_params[0].device
         self._hyper = {
-            name: _as_tensor(rule.hyper[name], device, name in _ZERO_IS_CONSTANT) for name in rule.dynamic_names()
+            name: as_tensor(rule.hyper[name], device, name in ZERO_IS_CONSTANT) for name in rule.dynamic_names()
         }
         # the plain numbers that the step's hyperparameter tensors hold (None: unknown, e.g. a tensor
         # was given), so that a step given the same numbers again writes nothing to the device
@@ -238,14 +239,14 @@ class Stepper:
 
     def set_hyper(self, **per_step: Any) -> None:
         """Set per-step hyperparameters (floats or 0-d tensors) for the following steps."""
-        if all(_same_number(self._numbers.get(name), value) for name, value in per_step.items()):
+        if all(same_number(self._numbers.get(name), value) for name, value in per_step.items()):
             return  # the numbers the step tensors already hold (checked when they were set)
         self.rule.resolve(per_step)  # validates names and values
         for name, value in per_step.items():
-            self._numbers[name] = value if _same_number(value, value) else None
+            self._numbers[name] = value if same_number(value, value) else None
             old = self._hyper[name]
-            self._hyper[name] = _set(old, value, self._step_params[0].device, name in _ZERO_IS_CONSTANT)
-            if _kinds(old) != _kinds(self._hyper[name]):
+            self._hyper[name] = hold(old, value, self._step_params[0].device, name in ZERO_IS_CONSTANT)
+            if kinds(old) != kinds(self._hyper[name]):
                 # a zero constant became a tensor: the next step compiles again (once), and a
                 # captured CUDA graph, which holds the constant, is captured afresh
                 self._graph, self._warmup_left = None, 3
@@ -415,46 +416,6 @@ def _own_code(method: Any) -> Any:
     return types.MethodType(fresh, method.__self__)
 
 
-# Per-step hyperparameters whose zero drops a term from the step (torch.optim's
-# ``if weight_decay != 0``): a Python zero stays a constant, so the graph has no such term; a
-# later non-zero value makes it a tensor and recompiles once.
-_ZERO_IS_CONSTANT = {"weight_decay"}
-
-
-def _as_tensor(value: Any, device: torch.device, keep_zero: bool = False) -> Any:
-    """A per-step hyperparameter as the compiled step takes it: a persistent 0-d float64 tensor
-    (or a zero constant, with keep_zero)."""
-    if isinstance(value, tuple):
-        return tuple(_as_tensor(v, device) for v in value)
-    if device.type == "meta":  # no values to hold: the step takes the number itself
-        return value
-    if isinstance(value, Tensor):
-        return value.detach().to(device=device, dtype=torch.float64).clone()
-    if keep_zero and value == 0:
-        return 0.0
-    return torch.tensor(float(value), dtype=torch.float64, device=device)
-
-
-def _set(target: Any, value: Any, device: torch.device, keep_zero: bool = False) -> Any:
-    """target (a persistent tensor, a zero constant, or a tuple of them) holding value from now on."""
-    if isinstance(target, tuple):
-        return tuple(_set(t, v, device) for t, v in zip(target, value))
-    if device.type == "meta":
-        return value
-    if isinstance(target, Tensor):
-        target.copy_(value) if isinstance(value, Tensor) else target.fill_(value)
-        return target
-    return _as_tensor(value, device, keep_zero)
-
-
-def _same_number(held: Any, value: Any) -> bool:
-    """Whether value is the same plain number (or tuple of them) as held: an int or float of the
-    same type and equal value (so never a tensor, and never NaN)."""
-    if isinstance(value, tuple):
-        return isinstance(held, tuple) and len(held) == len(value) and all(map(_same_number, held, value))
-    return type(value) in (int, float) and type(held) is type(value) and held == value
-
-
 def _own(buf: Any) -> Any:
     """A copy of a critical buffer's slots (8-bit codes are kept as they are)."""
     return buf.clone() if isinstance(buf, Tensor) else buf
@@ -462,10 +423,6 @@ def _own(buf: Any) -> Any:
 
 def _scalar64(t: Tensor | None) -> bool:
     return isinstance(t, Tensor) and t.dim() == 0 and t.dtype == torch.float64 and t.device.type == "cpu"
-
-
-def _kinds(value: Any) -> Any:
-    return tuple(_kinds(v) for v in value) if isinstance(value, tuple) else isinstance(value, Tensor)
 
 
 __all__ = ["Stepper", "flat_state", "per_tensor_views"]

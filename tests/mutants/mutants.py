@@ -505,7 +505,7 @@ MUTANTS: list[Mutant] = [
         tests="stepper",
     ),
     Mutant(
-        "st-hyper-not-set", STEPPER,
+        "st-hyper-not-set", "memopt_func/compiled/hyper_tensors.py",
         "target.copy_(value) if isinstance(value, Tensor) else target.fill_(value)",
         "None",
         "per-step hyperparameters (lr schedules) are ignored after the first step",
@@ -521,7 +521,7 @@ MUTANTS: list[Mutant] = [
         tests="stepper",
     ),
     Mutant(
-        "st-hyper-always-same", STEPPER,
+        "st-hyper-always-same", "memopt_func/compiled/hyper_tensors.py",
         "    return type(value) in (int, float) and type(held) is type(value) and held == value",
         "    return True",
         "set_hyper takes every number for the one its tensor already holds, so it never writes",
