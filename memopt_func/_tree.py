@@ -120,7 +120,7 @@ def layout_mismatch(got: Any, want: Any, path: str = "state", slots: bool = Fals
     if isinstance(want, tuple) and hasattr(want, "_fields"):
         if type(got).__name__ != type(want).__name__:
             return f"{path} is a {type(got).__name__}, the rule keeps a {type(want).__name__}"
-        roles = schema.of(want) if schema.is_state(want) else {}
+        roles = schema.of(want) if schema.declared(want) else {}
         for field in want._fields:
             in_slots = slots or (field in roles and roles[field].role == schema.SLOTS)
             problem = layout_mismatch(getattr(got, field), getattr(want, field), f"{path}.{field}", in_slots)

@@ -60,8 +60,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        named = registry.NAMED.get(cls.__name__)
-        if named is not None and "RULE" not in cls.__dict__ and not hasattr(cls, "RULE"):
+        named = registry.NAMED.get(cls.__name__) if cls.__module__ == __name__ else None
+        if named is not None and not hasattr(cls, "RULE"):
             cls.RULE, cls.POSITIONAL = named.rule, named.positional  # a registered optimizer's drop-in
         if not hasattr(cls, "RULE"):
             return  # an abstract mixin such as compiled.CompiledOptimizer

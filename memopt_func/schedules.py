@@ -11,11 +11,11 @@ import math
 import torch
 from torch import Tensor
 
-from ._math import power, scalar_loop
+from ._math import power
 
 
 def _log(x: float | Tensor) -> float | Tensor:
-    return scalar_loop(torch.log, x) if isinstance(x, Tensor) else math.log(x)
+    return torch.log(x) if isinstance(x, Tensor) else math.log(x)
 
 
 def alpha_schedule(t: Tensor, alpha: float | Tensor, warmup: int | None) -> float | Tensor:

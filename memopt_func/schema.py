@@ -11,7 +11,9 @@ Every state type (``AdamState``, ``CriticalBufferState``, ...) is a NamedTuple d
 - ``SLOT_SUM``: the sum of the filled slots per leaf, kept at least at compute precision;
 - ``ROWS``: one row per admission decision (``[R, ...]``; R is 1 for a synced group, else the
   number of leaves): priorities and counters;
-- ``NESTED``: another declared state (or None), whose state_dict keys take a prefix.
+- ``NESTED``: another declared state (or None), whose state_dict keys take a prefix;
+- ``LEAF``: any other per-leaf tuple, stored as computed; ``VECTOR``: any other tensor with one
+  row per leaf.
 
 Storage, the tree plumbing, the steppers and the drop-ins read these roles; none tests a field's
 name. Each stored field's random stream id (SPEC.md, "Random streams") is a constant in
@@ -34,7 +36,11 @@ ROWS = "rows"
 """Role: one row per admission decision (``[R, ...]``, R = 1 for a synced group)."""
 NESTED = "nested"
 """Role: another declared state (or None)."""
-ROLES = (STEP, MOMENT, SLOTS, SLOT_SUM, ROWS, NESTED)
+LEAF = "leaf"
+"""Role: any other per-leaf tuple, one tensor per leaf, stored as the step computes it."""
+VECTOR = "vector"
+"""Role: any other tensor with one row per leaf (``[N, ...]``)."""
+ROLES = (STEP, MOMENT, SLOTS, SLOT_SUM, ROWS, NESTED, LEAF, VECTOR)
 """Every role."""
 
 STREAM_ID = {
@@ -92,6 +98,16 @@ def rows() -> Field:
     return Field(ROWS)
 
 
+def leaf() -> Field:
+    """A field declaration: any other per-leaf tuple, stored as computed."""
+    return Field(LEAF)
+
+
+def vector() -> Field:
+    """A field declaration: any other tensor with one row per leaf."""
+    return Field(VECTOR)
+
+
 def nested(prefix: str = "") -> Field:
     """A field declaration: another declared state (or None); its state_dict keys take ``prefix``."""
     return Field(NESTED, prefix=prefix)
@@ -125,17 +141,59 @@ def declare(**fields: Field):
     return apply
 
 
+_ROW_NAMES = ("keys", "count", "offers", "accepted", "nonfinite")
+_INFERRED: dict[type, dict[str, Field]] = {}
+
+
 def of(state: Any) -> dict[str, Field]:
-    """The declared roles of a state (or state type), by field name."""
+    """The roles of a state's fields, by field name: declared, or for a NamedTuple state whose
+    type is not declared (a rule written before ``declare`` existed), read off its field names
+    as this package read them before, with a ``DeprecationWarning`` once per type."""
     schema = getattr(state, "SCHEMA", None)
-    if schema is None:
-        raise TypeError(f"{type(state).__name__} is not a declared state type (schema.declare)")
-    return schema
+    if isinstance(schema, dict):
+        return schema
+    if not hasattr(state, "_fields") or isinstance(state, type):
+        raise TypeError(f"{getattr(state, '__name__', type(state).__name__)} is not a declared state type (schema.declare)")
+    cls = type(state)
+    if cls not in _INFERRED:
+        _INFERRED[cls] = {name: _inferred(name, getattr(state, name)) for name in state._fields}
+        import warnings
+
+        warnings.warn(
+            f"{cls.__name__} is not a declared state type; its fields' roles are read off their names "
+            f"({', '.join(f'{n}: {f.role}' for n, f in _INFERRED[cls].items())}). Declare them with "
+            "memopt_func.schema.declare; undeclared state types will be refused in a later version",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    return _INFERRED[cls]
+
+
+def _inferred(name: str, value: Any) -> Field:
+    if value is None or hasattr(value, "_fields"):
+        return nested("" if name == "base" else f"{name}_")
+    if name == "step":
+        return step()
+    if name in MOMENTS:
+        return moment(MOMENTS[name])
+    if name == "buf":
+        return slots()
+    if name == "buf_sum":
+        return slot_sum()
+    if name in _ROW_NAMES:
+        return rows()
+    return leaf() if isinstance(value, tuple) else vector()
+
+
+def declared(value: Any) -> bool:
+    """Whether value is a state (or state type) of a declared type."""
+    return isinstance(getattr(value, "SCHEMA", None), dict)
 
 
 def is_state(value: Any) -> bool:
-    """Whether value is a state of a declared type."""
-    return isinstance(getattr(value, "SCHEMA", None), dict) and hasattr(value, "_fields")
+    """Whether value is a rule state: a NamedTuple of a declared type, or one whose roles ``of``
+    reads off its field names."""
+    return hasattr(value, "_fields") and not isinstance(value, type)
 
 
 def entries(state: Any, prefix: str = "") -> Iterator[tuple[str, str, Field, Any]]:
@@ -157,5 +215,6 @@ def keys(state: Any, role: str) -> list[str]:
 
 __all__ = [
     "STEP", "MOMENT", "SLOTS", "SLOT_SUM", "ROWS", "NESTED", "ROLES", "STREAM_ID", "MOMENTS",
-    "Field", "step", "moment", "slots", "slot_sum", "rows", "nested", "declare", "of", "is_state", "entries", "keys",
+    "LEAF", "VECTOR", "Field", "step", "moment", "slots", "slot_sum", "rows", "nested", "leaf", "vector", "declare", "of",
+    "declared", "is_state", "entries", "keys",
 ]

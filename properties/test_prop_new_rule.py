@@ -106,3 +106,11 @@ def test_every_rule_of_the_package_is_drawn_by_the_property_suite():
     for name in rules.RULES:
         hyper = find(rule_hypers(name), lambda h: True)
         rules.RULES[name](**hyper)
+
+
+def test_the_demo_runs_a_registered_rule_it_has_no_settings_for(registered, tmp_path):
+    from memopt_func.apps import demo
+
+    cfg = demo.DemoConfig(optimizers=[registered], steps=4, n_train=64, n_val=32, batch_size=16, hidden=8, eval_every=2, out=tmp_path, progress=False)
+    assert demo.run(cfg, log=lambda _: None) == 0
+    assert demo.demo_hyper(registered) == {"lr": 1e-3}

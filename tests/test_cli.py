@@ -285,3 +285,28 @@ def test_demo_set_refused_by_the_optimizer_names_it(tmp_path, capsys):
         run_cli("demo", *TINY_DEMO, "--set", "SGD_C:momentum=-1", "--out", tmp_path / "d")
     assert info.value.code == 2
     assert "--set SGD_C:momentum=-1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--set", "Adam_CM:state_dtype=torch.float16", "--storage", "bf16"], "give them either through it or one by one"),
+        (["--set", "AdamW:fused=True"], "--set AdamW:fused=True"),  # torch.optim raises RuntimeError for it
+        (["--optimizers", "Adam", "--set", "Adam_CM:topC=2"], "Adam_CM is not among the optimizers of this run"),
+    ],
+)
+def test_demo_set_conflicts_are_usage_errors(argv, fragment, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        run_cli("demo", *TINY_DEMO, *argv, "--out", tmp_path / "d")
+    assert info.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_a_later_betas_replaces_earlier_beta_entries():
+    from memopt_func.apps import common
+
+    parse = common.hyper_overrides()
+    merged = common.merge_hyper_overrides([parse("AdEMAMix:beta3=0.99"), parse("AdEMAMix:betas=(0.8,0.999,0.9999)")])
+    assert common.with_overrides("AdEMAMix", {}, merged["AdEMAMix"])["betas"] == (0.8, 0.999, 0.9999)
+    merged = common.merge_hyper_overrides([parse("AdEMAMix:betas=(0.8,0.999,0.9999)"), parse("AdEMAMix:beta3=0.99")])
+    assert common.with_overrides("AdEMAMix", {}, merged["AdEMAMix"])["betas"] == (0.8, 0.999, 0.99)

@@ -102,6 +102,16 @@ def test_a_leaf_steps_the_same_wherever_it_sits(name):
         assert torch.equal(p[0], members[0][i]), f"vmap member {i} of {n} differs from its own run"
 
 
+def test_a_cpu_tensor_beta_beside_device_step_counters_is_computed_as_before():
+    """``_math.power`` widens only all-CPU arguments: a 0-d CPU beta beside another device's
+    step vector (``meta`` here, as an accelerator's) broadcasts as ``b ** t`` does."""
+    from memopt_func import _math as M
+
+    t = torch.ones(3, dtype=torch.float64, device="meta")
+    assert M.power(torch.tensor(0.999, dtype=torch.float64), t).device.type == "meta"
+    assert M.power(0.999, t).shape == (3,)
+
+
 def test_foreach_false_equals_foreach_to_rounding_and_true_is_refused_under_vmap():
     gen = torch.Generator().manual_seed(1)
     params = [torch.randn(5, 3, generator=gen, dtype=torch.float64)]

@@ -210,3 +210,45 @@ def test_every_rule_has_a_variant_in_the_example_tests():
 
     assert set(rules.RULES) <= {name for name, _ in RULE_VARIANTS.values()}
     assert set(rules.registry.NAMED) <= set(OPTIMIZERS)
+
+
+def test_a_rule_whose_state_type_is_not_declared_still_steps_with_a_deprecation_warning():
+    """A rule written before ``schema.declare`` (its state a plain NamedTuple) steps as before:
+    the roles are read off the field names, with a DeprecationWarning; a drop-in over it saves
+    and loads its state."""
+    from memopt_func import _math as M
+    from memopt_func import _tree, optim
+    from memopt_func._hyper import lr as lr_hyper
+    from memopt_func._rule import Rule, advance, new_steps
+
+    class OldState(NamedTuple):
+        step: torch.Tensor
+        exp_avg: tuple
+        trace: tuple  # a per-leaf field no earlier rule had
+
+    class OldRule(Rule):
+        HYPERS = (lr_hyper(1e-2),)
+        ELEMENTWISE = True
+
+        def _init(self, leaves):
+            return OldState(new_steps(leaves), M.zeros_like(leaves), M.zeros_like(leaves))
+
+        def _update(self, params, grads, state, idx, h, ctx):
+            m = M.ema(_tree.take(state.exp_avg, idx), grads, 0.9)
+            trace = M.fe("add", _tree.take(state.trace, idx), grads)
+            new = OldState(advance(state.step, idx), _tree.put(state.exp_avg, idx, m), _tree.put(state.trace, idx, trace))
+            return M.axpy(params, -h["lr"], m), new
+
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))]
+    opt = optim.from_rule(params, OldRule(lr=0.1))
+    with pytest.warns(DeprecationWarning, match="OldState is not a declared state type"):
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.full_like(p, 0.5)
+            opt.step()
+    assert sorted(opt.state[params[0]]) == ["exp_avg", "step", "trace"]
+    assert torch.equal(opt.state[params[1]]["trace"], torch.full((2, 2), 1.0))
+    assert torch.allclose(params[0].detach(), torch.full((3,), 1 - 0.1 * (0.05 + 0.095)))
+    again = optim.from_rule([torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))], OldRule(lr=0.1))
+    again.load_state_dict(opt.state_dict())
+    assert torch.equal(again.state[again.param_groups[0]["params"][1]]["trace"], torch.full((2, 2), 1.0))

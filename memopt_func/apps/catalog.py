@@ -97,6 +97,8 @@ def make_optimizer(
         from .. import rules
 
         return dropin.from_rule(params, rules.RULES[name](**hyper, state_dtype=state_dtype))
+    if storage != "fp32" and {"state_dtype", "buffer_dtype"} & set(hyper):
+        raise ValueError(f"storage {storage!r} sets state_dtype and buffer_dtype; give them either through it or one by one, not both")
     if name in registry.NAMED:
         if storage != "fp32":
             hyper = {**hyper, "state_dtype": state_dtype}

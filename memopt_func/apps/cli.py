@@ -89,9 +89,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         seed=args.seed, lr=common.merge_lr_overrides(args.lr), out=args.out, compiled=args.compiled, storage=args.storage,
         hyper=common.merge_hyper_overrides(args.set), progress=not args.no_progress,
     )
-    from .demo import DEMO_HYPER
+    from .demo import demo_hyper
 
-    common.check_hyper_overrides(cfg.hyper, lambda name: {k: v for k, v in DEMO_HYPER[name].items() if k != "lr"}, cfg.storage)
+    common.check_hyper_overrides(cfg.hyper, cfg.optimizers, lambda name: {k: v for k, v in demo_hyper(name).items() if k != "lr"}, cfg.storage)
     return run(cfg)
 
 
@@ -213,7 +213,7 @@ def _run_lm(args: argparse.Namespace) -> int:
     )
     from .lm import LM_HYPER, hyper_for
 
-    common.check_hyper_overrides(cfg.hyper, lambda name: {k: v for k, v in hyper_for(name, cfg, 1e-3).items() if k != "lr"} if name in LM_HYPER else {}, cfg.storage)
+    common.check_hyper_overrides(cfg.hyper, cfg.optimizers, lambda name: {k: v for k, v in hyper_for(name, cfg, 1e-3).items() if k != "lr"} if name in LM_HYPER else {}, cfg.storage)
     return run(cfg)
 
 

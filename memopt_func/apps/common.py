@@ -210,19 +210,28 @@ def merge_hyper_overrides(groups: Iterable[dict[str, dict[str, Any]]] | None) ->
     merged: dict[str, dict[str, Any]] = {}
     for group in groups or ():
         for name, hyper in group.items():
-            merged.setdefault(name, {}).update(hyper)
+            into = merged.setdefault(name, {})
+            if "betas" in hyper:  # a later betas replaces every earlier betaN
+                for key in [k for k in into if _BETA.fullmatch(k)]:
+                    del into[key]
+            into.update(hyper)
     return merged
 
 
-def check_hyper_overrides(overrides: dict[str, dict[str, Any]], base: Callable[[str], dict[str, Any]], storage: str = "fp32") -> None:
-    """CLIError unless each optimizer accepts its ``--set`` values over ``base(name)`` (its other
-    settings): it is built once over a stand-in parameter, so its own checks decide."""
+def check_hyper_overrides(
+    overrides: dict[str, dict[str, Any]], optimizers: Sequence[str], base: Callable[[str], dict[str, Any]], storage: str = "fp32"
+) -> None:
+    """CLIError unless each ``--set`` names an optimizer of the run (``optimizers``) that accepts
+    its values over ``base(name)`` (its other settings): it is built once over a stand-in
+    parameter, so its own checks decide."""
     import torch
 
     for name, hyper in overrides.items():
+        if name not in optimizers:
+            raise CLIError(f"--set {name}:{format_hyper(hyper)}: {name} is not among the optimizers of this run ({', '.join(optimizers)})")
         try:
             catalog.make_optimizer(name, [torch.zeros(2, requires_grad=True)], storage=storage, **with_overrides(name, base(name), hyper))
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, RuntimeError) as e:
             raise CLIError(f"--set {name}:{format_hyper(hyper)}: {e}") from None
 
 

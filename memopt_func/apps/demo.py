@@ -41,6 +41,12 @@ DEMO_HYPER: dict[str, dict[str, Any]] = {
 }
 
 
+def demo_hyper(name: str) -> dict[str, Any]:
+    """The demo's settings for ``name`` (``DEMO_HYPER``; a registered optimizer it does not list
+    runs at lr 1e-3 and its own defaults)."""
+    return dict(DEMO_HYPER.get(name, {"lr": 1e-3}))
+
+
 @dataclass
 class DemoConfig:
     optimizers: list[str] = field(default_factory=lambda: list(catalog.DEFAULT))
@@ -105,7 +111,7 @@ def train_one(
 ) -> RunResult:
     """Train a fresh copy of the demo model with optimizer ``name``."""
     x_tr, y_tr, x_va, y_va = data
-    hyper = common.with_overrides(name, DEMO_HYPER[name], cfg.hyper.get(name, {}))
+    hyper = common.with_overrides(name, demo_hyper(name), cfg.hyper.get(name, {}))
     hyper["lr"] = common.resolve_lr(name, hyper["lr"], cfg.lr)
     model = small_mlp(seed=cfg.seed, hidden=cfg.hidden)
     opt = catalog.make_optimizer(name, model.parameters(), storage=cfg.storage, **hyper)
@@ -278,7 +284,7 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> int:
         try:
             results.append(train_one(name, cfg, data, wrap, progress))
         except Exception as e:  # one broken optimizer must not hide the others' results
-            results.append(RunResult(name, dict(DEMO_HYPER[name]), "eager", [], [], [], [], [], [], math.nan, math.nan, 0.0, math.nan, None, error=f"{type(e).__name__}: {e}"))
+            results.append(RunResult(name, demo_hyper(name), "eager", [], [], [], [], [], [], math.nan, math.nan, 0.0, math.nan, None, error=f"{type(e).__name__}: {e}"))
     log("")
     log(common.format_table(HEADERS, table_rows(results)))
     log(

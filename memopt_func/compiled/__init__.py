@@ -9,6 +9,8 @@ from .stepper import Stepper
 
 __all__ = ["Stepper", "FlatLayout"]
 
+from memopt_func import registry
+
 from . import optim
 from .optim import AdEMAMix, Adam_C, Adam_CM, CompiledOptimizer, RMSprop_C, SGD_C, compile_optimizer  # noqa: E402
 
@@ -17,4 +19,6 @@ __all__ += ["compile_optimizer", "CompiledOptimizer", "Adam_CM", "Adam_C", "RMSp
 
 def __getattr__(name: str):
     """The compiled twin of a registered optimizer (``memopt_func.registry``) by its name."""
-    return getattr(optim, name)
+    if name in registry.NAMED:
+        return getattr(optim, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
