@@ -12,7 +12,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import memopt_func
-from memopt_func import rules
+from memopt_func import rules, schema
 from memopt_func._parts import runs as _parts
 from helpers import RULE_VARIANTS, assert_trees_bitwise_equal, clone_tree, make_rule
 
@@ -176,6 +176,7 @@ class _KeepsItsInput(rules.Rule):
 
     ELEMENTWISE = True
 
+    @schema.declare(step=schema.step(), last=schema.leaf())
     class State(NamedTuple):
         step: torch.Tensor
         last: tuple
@@ -211,6 +212,7 @@ def test_state_that_is_a_scratch_temporary_is_copied_out():
 class _Normalized(rules.Rule):
     """Not element-wise (each leaf's step divides by that leaf's gradient norm): never sliced."""
 
+    @schema.declare(step=schema.step())
     class State(NamedTuple):
         step: torch.Tensor
 
