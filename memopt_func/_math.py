@@ -55,29 +55,25 @@ class using_scratch(_Setting):
     key = "scratch"
 
 
-def scalar_loop(fn, *args):
-    """``fn(*args)`` for an element-wise ``fn`` (``pow``) over small vectors of per-leaf scalars,
-    each element's value independent of where it sits.
+def power(base: Scalar, exponent: Tensor) -> Tensor:
+    """``base ** exponent`` over a small vector of per-leaf scalars, each element's value
+    independent of where it sits.
 
-    On a CPU, ATen evaluates the vectorised body of such a kernel with SLEEF and the tail with
-    libm; they differ in the last bit for about 1.5% of ``0.999**t``. So the same leaf's bias
-    correction would depend on how many leaves a step has, or on a ``vmap`` batch. Each tensor
-    argument gets a trailing size-2 dimension of stride 0, which ATen runs element by element:
-    every element takes libm's value, which is also what Python's ``**`` and ``torch.optim``
-    compute. Elsewhere (a GPU, ``meta``, a CPU scalar beside a device tensor, under
-    ``torch.compile``) ``fn`` runs as it is. (``log`` needs none of this: ATen computes every
-    element of it with the same vectorised library.)"""
+    On a CPU, ATen evaluates the vectorised body of ``pow`` with SLEEF and the tail with libm;
+    they differ in the last bit for about 1.5% of ``0.999**t``. So the same leaf's bias correction
+    would depend on how many leaves a step has, or on a ``vmap`` batch. Each tensor argument gets
+    a trailing size-2 dimension of stride 0, which ATen runs element by element: every element
+    takes libm's value, which is also what Python's ``**`` and ``torch.optim`` compute. Elsewhere
+    (a GPU, ``meta``, a CPU scalar beside a device tensor, under ``torch.compile``) it is
+    ``torch.pow`` as it is. (``log`` needs none of this: ATen computes every element of it with
+    the same vectorised library.)"""
+    args = (base, exponent)
     tensors = [a for a in args if isinstance(a, Tensor)]
-    if not tensors or any(t.device.type != "cpu" for t in tensors) or torch.compiler.is_compiling():
-        return fn(*args)
+    if any(t.device.type != "cpu" for t in tensors) or torch.compiler.is_compiling():
+        return torch.pow(base, exponent)
     shape = torch.broadcast_shapes(*(a.shape for a in tensors))
     widened = [a.expand(shape).unsqueeze(-1).expand(*shape, 2) if isinstance(a, Tensor) else a for a in args]
-    return fn(*widened)[..., 0]
-
-
-def power(base: Scalar, exponent: Tensor) -> Tensor:
-    """``base ** exponent`` element by element (``scalar_loop``)."""
-    return scalar_loop(torch.pow, base, exponent)
+    return torch.pow(*widened)[..., 0]
 
 
 # out-of-place ops whose result fe may write into a scratch tensor of x's dtype (``out=``)

@@ -46,26 +46,21 @@ def parse_names(text: str, valid: Iterable[str] = NAMES) -> list[str]:
     return names
 
 
-def constructor_names(name: str) -> list[str]:
-    """The hyperparameters the optimizer ``name`` takes by keyword (its rule's, for a drop-in;
-    the torch.optim constructor's, for a baseline)."""
+def defaults(name: str) -> dict[str, Any]:
+    """The hyperparameters the optimizer ``name`` takes by keyword, with their defaults (its
+    rule's, for a drop-in; the torch.optim constructor's, for a baseline)."""
     if name in registry.NAMED:
-        return [h.name for h in registry.NAMED[name].rule.HYPERS]
+        return {h.name: h.default for h in registry.NAMED[name].rule.HYPERS}
     if name in TORCH_OPTIM:
         import inspect
 
-        return [n for n in inspect.signature(getattr(torch.optim, name)).parameters if n != "params"]
+        return {n: p.default for n, p in inspect.signature(getattr(torch.optim, name)).parameters.items() if n != "params"}
     raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(NAMES)}")
 
 
-def defaults(name: str) -> dict[str, Any]:
-    """The optimizer ``name``'s keyword defaults (``constructor_names`` with their values)."""
-    if name in registry.NAMED:
-        return {h.name: h.default for h in registry.NAMED[name].rule.HYPERS}
-    import inspect
-
-    sig = inspect.signature(getattr(torch.optim, name))
-    return {n: p.default for n, p in sig.parameters.items() if n != "params"}
+def constructor_names(name: str) -> list[str]:
+    """The hyperparameters the optimizer ``name`` takes by keyword (``defaults``' keys)."""
+    return list(defaults(name))
 
 
 def is_memory(name: str) -> bool:

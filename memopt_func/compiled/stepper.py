@@ -21,7 +21,7 @@ from torch import Tensor
 
 from memopt_func import _tree, checkpoint, sharding
 from memopt_func import critical_buffer as cb
-from memopt_func.groups import explode
+from memopt_func.groups import GroupStates, explode
 from memopt_func.rules import Rule
 
 from . import cpu_codegen
@@ -195,7 +195,7 @@ class Stepper:
         ``"state"``, per stepped tensor (keyed by its position among the flattened params, as in
         ``stepped``) the rule's fields by name; and the rule's name with the format
         (``memopt_func.checkpoint``), so that later versions load it."""
-        entries = explode(self.per_tensor_state(), len(self._leaves), _synced(self.rule))
+        entries = explode(self.per_tensor_state(), len(self._leaves), GroupStates.synced(self.rule))
         state = {i: {k: v.detach().clone() for k, v in e.items()} for i, e in zip(self._active, entries)}
         return {"state": state, checkpoint.KEY: checkpoint.header(type(self.rule).__name__)}
 
@@ -211,7 +211,7 @@ class Stepper:
             raise ValueError("a Stepper state_dict is a dict with a 'state' dict of dicts (Stepper.state_dict())")
         checkpoint.check_readable(state_dict, "this Stepper", rule_name)
         pairs = []
-        for i, want in zip(self._active, explode(self.per_tensor_state(), len(self._leaves), _synced(self.rule))):
+        for i, want in zip(self._active, explode(self.per_tensor_state(), len(self._leaves), GroupStates.synced(self.rule))):
             if i not in saved:
                 raise ValueError(f"the state_dict has no entry for stepped tensor {i} (stepped: {self.stepped})")
             entry = checkpoint.upgrade_entry(saved[i], want, torch.zeros_like)
@@ -381,11 +381,6 @@ class Stepper:
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):
                 self._fn(self._step_params, grads, self._step_state, self._hyper)
-
-
-def _synced(rule: Rule) -> bool:
-    """Whether the rule keeps one critical-buffer row for the group (its rows sit with the first tensor)."""
-    return bool(rule.hyper.get("synced", False))
 
 
 def _slots_on_host(device: torch.device) -> bool:
