@@ -4,7 +4,8 @@ On an accelerator an eager step's time is set by how many kernels it launches. C
 ``meta`` device, which takes the accelerator's code path (no host reads of device values) and
 computes nothing: every ATen operator on a device tensor that reaches the backend below
 autograd is one launch (a multi-tensor ``_foreach_`` operator is one), views left out. A step is counted after one warm-up step, so state
-creation is not in it. The published cmoptimizer loop reads priorities on the host, which a meta
+creation (and an eager drop-in's laying out of a flat group, ``MemoryOptimizer._steps_grouped``)
+is not in it. The published cmoptimizer loop reads priorities on the host, which a meta
 tensor cannot do: its cells count on the CPU, where the same loop dispatches the same operators.
 
     python bench/launches.py            # the table, 200 and 400 tensors
@@ -102,6 +103,9 @@ CELLS: dict[str, tuple[Callable, int, str]] = {
     "Adam_C, synced=False": (_ours("Adam_C", synced=False), 1000, "meta"),
     "AdEMAMix, bf16 state": (_ours("AdEMAMix", state_dtype=torch.bfloat16), 1000, "meta"),
     "Adam_CM, bf16 state and buffer": (_ours("Adam_CM", state_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16), 1000, "meta"),
+    "Adam_CM, bf16 state and buffer, nearest": (
+        _ours("Adam_CM", state_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16, rounding="nearest"), 1000, "meta"
+    ),
     "AdEMAMix, int8 state": (_ours("AdEMAMix", state_dtype=torch.int8), 8192, "meta"),
     "Adam_CM, int8 state and buffer": (_ours("Adam_CM", state_dtype=torch.int8, buffer_dtype=torch.int8), 8192, "meta"),
 }

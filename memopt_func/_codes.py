@@ -52,7 +52,7 @@ class Quantized(NamedTuple):
 # ---------------------------------------------------------------- rounding
 
 
-def _stream(step: Tensor, field: str, position: int) -> Tensor:
+def _stream(step: Tensor, field: str, position: int | Tensor) -> Tensor:
     return (step.to(torch.int64) * 0x9E3779B1 + (position * 64 + STREAM_ID[field]) * 0x85EBCA77) & 0xFFFFFFFF
 
 
@@ -281,6 +281,46 @@ def store_float(x: Tensor, dtype: torch.dtype, seed: int, step: Tensor, field: s
     flat = x.reshape(-1)
     salt = torch.tensor(_salt(seed), dtype=torch.int64, device=x.device)
     out = _run(_k_round, ("round", x.dtype, dtype), flat, salt, _stream(step, field, position).to(x.device), dtype)
+    return out.view(x.shape)
+
+
+def _k_round_at(x: Tensor, salt: Tensor, counter: Tensor, stream: Tensor, dtype: torch.dtype) -> Tensor:
+    return round_float(x, dtype, uniform_salted(salt, counter, stream))
+
+
+_RUN_INDEX: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+_SALTS: dict[tuple, Tensor] = {}
+
+
+def _run_index(runs: Any, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(positions [T], sizes [T], starts [T]) of a flat leaf's tensors as int64 tensors on
+    device, made once per layout and device (no host copy in a step)."""
+    key = (tuple(runs), runs.positions, device)
+    got = _RUN_INDEX.get(key)
+    if got is None:
+        sizes = runs.sizes()
+        starts = [sum(sizes[:k]) for k in range(len(sizes))]
+        made = [torch.tensor(v, dtype=torch.int64, device=device) for v in (runs.positions, sizes, starts)]
+        got = _RUN_INDEX[key] = (made[0], made[1], made[2])
+    return got
+
+
+def store_float_runs(x: Tensor, dtype: torch.dtype, seed: int, step: Tensor, field: str, runs: Any, stochastic: bool) -> Tensor:
+    """``store_float`` of a flat leaf that lays several tensors end to end (``runs``, a
+    ``_tree.Runs`` with their positions): each element draws the bits it would draw in its own
+    tensor, from (seed, its index in that tensor, the step, the field, the tensor's position),
+    so the flat leaf rounds exactly as the tensors stepped one by one."""
+    if not stochastic:
+        return x.to(dtype)
+    flat = x.reshape(-1)
+    positions, sizes, starts = _run_index(runs, x.device)
+    n = flat.numel()
+    counter = torch.arange(n, device=x.device, dtype=torch.int64) - starts.repeat_interleave(sizes, output_size=n)
+    stream = _stream(step.to(x.device), field, positions).repeat_interleave(sizes, output_size=n)
+    salt = _SALTS.get((seed, x.device))
+    if salt is None:
+        salt = _SALTS[(seed, x.device)] = torch.tensor(_salt(seed), dtype=torch.int64, device=x.device)
+    out = _run(_k_round_at, ("round-at", x.dtype, dtype), flat, salt, counter, stream, dtype)
     return out.view(x.shape)
 
 

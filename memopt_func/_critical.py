@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import torch
 from torch import Tensor
 
 from . import _hyper as H
+from . import _math as M
 from . import critical_buffer as cb
 from . import schema
 from ._parts import in_parts
@@ -99,9 +99,8 @@ class CriticalRule(Rule):
         norms = cb.tensor_norms(crit, grads, ctx.segments)
         if ctx.norms is not None:
             norms = ctx.norms.full_norms(norms)
-        decision = cb.decide(
-            crit, idx, cb.priority_of(crit, norms), h["critical_test"], h.get("seed", 0), torch.isfinite(norms), ctx.segments
-        )
+        finite = M.finite(norms)
+        decision = cb.decide(crit, idx, cb.priority_of(crit, norms, finite), h["critical_test"], h.get("seed", 0), finite, ctx.segments)
 
         def part_update(params, grads, both, idx, h, ctx):
             new_params, base, crit = self._update_part(params, grads, both.base, both.critical, idx, decision, h, ctx)

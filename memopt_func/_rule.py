@@ -230,7 +230,7 @@ class Rule:
             new_present, new_state = self._update_all(present, grads, local_state, idx, h, ctx)
         if store is not None:
             new_present, new_state = store.encode(
-                new_present, new_state, stored_present, stored_state, idx, ctx.donate
+                new_present, new_state, stored_present, stored_state, idx, ctx.donate, ctx.segments
             )
             new_state = cb.stored_sums(new_state, idx, ctx.donate)
         if sharded:

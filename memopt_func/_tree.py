@@ -240,6 +240,26 @@ def put_rows(vec: Tensor, idx: Sequence[int], values: Tensor) -> Tensor:
     return vec.index_copy(0, torch.tensor(idx, device=vec.device), values)
 
 
+class Runs(tuple):
+    """A leaf's segments ``((count, numel), ...)`` together with the positions, among the
+    tensors stepped, of the tensors it lays end to end (in order). Stochastic rounding draws
+    each element's bits from its tensor's position and its index in that tensor (SPEC.md,
+    "Random streams"), so a flat leaf whose state is rounded that way must say them."""
+
+    positions: tuple[int, ...]
+
+    def __new__(cls, runs: Any, positions: Sequence[int]) -> "Runs":
+        self = super().__new__(cls, tuple((int(k), int(n)) for k, n in runs))
+        self.positions = tuple(int(p) for p in positions)
+        if len(self.positions) != sum(k for k, _ in self):
+            raise ValueError(f"{len(self.positions)} positions for {sum(k for k, _ in self)} tensors in runs {tuple(self)!r}")
+        return self
+
+    def sizes(self) -> list[int]:
+        """Each tensor's number of elements, in order."""
+        return [n for k, n in self for _ in range(k)]
+
+
 def check_segments(segments: Any, leaves: Sequence[Tensor]) -> list | None:
     """Validate per-leaf runs ``((count, numel), ...)`` that tile each leaf exactly."""
     if segments is None:
@@ -254,3 +274,15 @@ def check_segments(segments: Any, leaves: Sequence[Tensor]) -> list | None:
         if total != leaf.numel() or any(k <= 0 or n <= 0 for k, n in runs):
             raise ValueError(f"segments[{i}] = {runs!r} does not tile a leaf of {leaf.numel()} elements")
     return segments
+
+
+def segment_views(leaf: Tensor, runs) -> list[Tensor]:
+    """The tensors a leaf lays end to end (``runs`` ``((count, numel), ...)``, or None for the leaf
+    itself), as flat views of it, in order."""
+    if runs is None:
+        return [leaf.reshape(-1)]
+    flat, start, out = leaf.reshape(-1), 0, []
+    for count, numel in runs:
+        out.extend(flat[start : start + count * numel].view(count, numel).unbind(0))
+        start += count * numel
+    return out

@@ -84,6 +84,14 @@ def tensor_norms(state: CriticalBufferState, grads: Sequence[Tensor], segments=N
         return torch.stack(M.fe("norm", grads, 2, dtype=state.keys.dtype))
     if not _synced(state):
         raise ValueError("segmented (flattened) leaves need synced=True: per-tensor buffers cannot share a leaf")
+    if not torch.compiler.is_compiling() and not M.is_per_tensor():
+        # eager: each tensor's norm by the same multi-tensor kernel as unsegmented leaves (one
+        # launch for all of them, the same bits as the tensors stepped one leaf each)
+        views = [_tree.segment_views(g, runs) for g, runs in zip(grads, segments)]
+        views = [v for vs in views for v in vs]
+        if not views:
+            return state.keys.new_zeros(1)
+        return torch.stack(M.fe("norm", views, 2, dtype=state.keys.dtype))
     parts = []
     for g, runs in zip(grads, segments):
         if runs is None:
@@ -99,12 +107,13 @@ def tensor_norms(state: CriticalBufferState, grads: Sequence[Tensor], segments=N
     return torch.cat(parts)
 
 
-def priority_of(state: CriticalBufferState, norms: Tensor) -> Tensor:
+def priority_of(state: CriticalBufferState, norms: Tensor, finite: Tensor | None = None) -> Tensor:
     """nu per moved row from the tensors' norms: their sum when synced, else each norm. A
-    non-finite norm takes no part in a synced sum (SPEC.md, "Non-finite gradients")."""
+    non-finite norm takes no part in a synced sum (SPEC.md, "Non-finite gradients");
+    ``finite``: ``M.finite(norms)`` where the caller has it already."""
     if not _synced(state):
         return norms
-    return torch.where(torch.isfinite(norms), norms, 0).sum().reshape(1)
+    return torch.where(M.finite(norms) if finite is None else finite, norms, 0).sum().reshape(1)
 
 
 def priorities(state: CriticalBufferState, grads: Sequence[Tensor], segments=None) -> Tensor:
@@ -202,7 +211,7 @@ def decide(
     keys = _tree.rows(state.keys, moved)
     count = _tree.rows(state.count, moved)
     offers = _tree.rows(state.offers, moved)
-    usable = torch.isfinite(nu)
+    usable = M.finite(nu)
     if finite is not None and synced:
         usable = usable & finite.any().reshape(1)
     full = count >= top_c
@@ -256,6 +265,15 @@ def _leaf_flags(finite: Tensor, segments) -> list[Tensor]:
     element for a leaf with segments (its tensors' flags repeated over their elements)."""
     if not segments or all(s is None for s in segments):
         return list(finite.unbind(0))
+    if not torch.compiler.is_compiling() and not M.is_per_tensor():
+        # eager: each leaf's flags in one op, whatever the number of runs (no host copy: the
+        # tensors' sizes are kept on the device)
+        out, t = [], 0
+        for runs in segments:
+            sizes = _tensor_sizes(runs, finite.device)
+            out.append(finite[t : t + sizes.shape[0]].repeat_interleave(sizes, output_size=_numel(runs)))
+            t += sizes.shape[0]
+        return out
     out, t = [], 0
     for runs in segments:
         if runs is None:
@@ -268,6 +286,24 @@ def _leaf_flags(finite: Tensor, segments) -> list[Tensor]:
             t += count
         out.append(torch.cat(parts) if parts else finite.new_ones(0))
     return out
+
+
+_SIZES: dict[tuple, Tensor] = {}
+
+
+def _tensor_sizes(runs, device: torch.device) -> Tensor:
+    """The sizes of the tensors a leaf lays end to end (``runs``, None: the leaf alone), as an
+    int64 tensor on device, made once per layout and device."""
+    key = (tuple(runs) if runs is not None else None, device)
+    sizes = _SIZES.get(key)
+    if sizes is None:
+        numbers = [1] if runs is None else [numel for count, numel in runs for _ in range(count)]
+        sizes = _SIZES[key] = torch.tensor(numbers, dtype=torch.int64, device=device)
+    return sizes
+
+
+def _numel(runs) -> int:
+    return sum(count * numel for count, numel in runs)
 
 
 def map_buffers(state: Any, fn) -> Any:

@@ -28,13 +28,25 @@ _compile_callback = getattr(_compile_callback, "get_eval_frame_callback", lambda
 
 # What a step under torch.compile hands over to: the speed package's flat stepping, which depends on
 # this module and registers itself here when it is imported (``import memopt_func`` imports it).
-_FLAT_STEPPING: dict[str, Any] = {"factory": None}
+_FLAT_STEPPING: dict[str, Any] = {"factory": None, "takes": None}
 
 
-def use_flat_stepping(factory: Callable[[MemoryOptimizer], Any]) -> None:
-    """Register the flat stepping (``factory(opt).step(closure)``) that ``MemoryOptimizer.step``
-    runs under ``torch.compile``; ``memopt_func.compiled`` registers its ``FlatSteps``."""
+def use_flat_stepping(factory: Callable[..., Any], takes: Callable[[Rule], bool] | None = None) -> None:
+    """Register the flat stepping that ``MemoryOptimizer.step`` hands over to:
+    ``factory(opt).step(closure)`` under ``torch.compile``, and ``factory(opt, grouped=True)``
+    for an eager step on an accelerator where ``takes(rule)`` holds for every group's rule
+    (``group_steps``); ``memopt_func.compiled`` registers its ``FlatSteps``."""
     _FLAT_STEPPING["factory"] = factory
+    _FLAT_STEPPING["takes"] = takes
+
+
+def group_steps(device: torch.device) -> bool:
+    """Whether an eager step over parameters on ``device`` runs each param group as one flat
+    group (``MemoryOptimizer._steps_grouped``): on an accelerator, where every kernel launch
+    costs host time whatever its size, so a step launches a fixed number of kernels per group
+    instead of some per tensor. Not on a CPU, whose eager step reads the critical slots on the
+    host and works through the tensors in cache-sized runs."""
+    return device.type != "cpu"
 
 
 _HANDOVER = (
@@ -119,7 +131,42 @@ class MemoryOptimizer(torch.optim.Optimizer):
             # made and checked here, untraced: state made inside the traced step differs between
             # Dynamo's first analysis and a restarted one, and a check there would break its graph
             self._prepare_untraced()
+        elif self._steps_grouped():
+            return self._grouped_step(closure)
         return self._step(closure)
+
+    def _steps_grouped(self) -> bool:
+        """Whether this eager step runs each param group as one flat group, through uncompiled
+        flat steppers (``FlatSteps(opt, grouped=True)``): every parameter on an accelerator
+        (``group_steps``), no complex or DTensor parameter, not ``differentiable``, and every
+        group's rule laid out flat (not yet: 8-bit or stochastically rounded state, a per-tensor
+        critical buffer). As under ``torch.compile``, the parameters then become views into
+        one flat buffer per group, dtype and device, and the state entries views into the flat
+        state. Where a step does not qualify (a group added that does not), every group goes
+        back to the rule's own per-tensor step over the same state entries."""
+        takes = _FLAT_STEPPING["takes"]
+        fits = (
+            takes is not None
+            and self.__dict__.get("_flat_fits", False)
+            and not self.defaults.get("differentiable", False)
+            and all(group_steps(p.device) for group in self.param_groups for p in group["params"])
+        )
+        if fits:
+            try:
+                fits = all(takes(self.groups.rule(group)) for group in self.param_groups)
+            except ValueError:  # a bad hyperparameter: the per-tensor step raises it, naming the group
+                fits = False
+        if not fits:
+            self.__dict__.pop("_group_steps", None)
+        return fits
+
+    @torch.no_grad()
+    def _grouped_step(self, closure: Callable[[], Any] | None) -> Any:
+        """The eager step through uncompiled ``FlatSteps`` (see ``_steps_grouped``)."""
+        steps = self.__dict__.get("_group_steps")
+        if steps is None:
+            steps = self.__dict__["_group_steps"] = _FLAT_STEPPING["factory"](self, grouped=True)
+        return steps.step(closure)
 
     @torch.compiler.disable
     def _prepare_untraced(self) -> None:
@@ -187,6 +234,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
             if _FLAT_STEPPING["factory"] is None:  # only if memopt_func.compiled failed to import
                 raise RuntimeError("torch.compile(opt.step) needs memopt_func.compiled, which is not imported")
             steps = self.__dict__["_flat_steps"] = _FLAT_STEPPING["factory"](self)
+            self.__dict__.pop("_group_steps", None)  # its steppers' state is adopted afresh
         return steps.step(closure)
 
     def _scratch(self, prepared) -> Scratch | None:
@@ -246,6 +294,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
             self.state, self.param_groups, self._stats_offset, self.groups.laid_out, self.groups.stepped = kept
             raise
         self.__dict__.pop("_flat_steps", None)  # a later step under torch.compile adopts the loaded state
+        self.__dict__.pop("_group_steps", None)  # ... and so does a later grouped eager step
 
     def _load(self, state_dict: dict[str, Any]) -> None:
         """Read a state_dict of any format this project wrote (``memopt_func.checkpoint``)."""

@@ -41,6 +41,7 @@ from ._codes import (  # noqa: F401  (re-exported: storage's public names)
     round_float,
     store_codes,
     store_float,
+    store_float_runs,
     write_into,
 )
 
@@ -159,11 +160,25 @@ class Storage:
 
         return params, grads, _map_fields(state, entry)
 
-    def encode(self, new_params, new_state, params, state, idx, donate: bool):
+    def encode(self, new_params, new_state, params, state, idx, donate: bool, segments=None):
         """The stepped values stored: ``new_params``/``new_state`` at compute precision (present
-        leaves / all leaves), ``params``/``state`` as stored before the step."""
+        leaves / all leaves), ``params``/``state`` as stored before the step. ``segments`` (per
+        present leaf, or None): a leaf laying several tensors end to end (a ``_tree.Runs`` with
+        their positions) draws each element's rounding bits as its own tensor would."""
         step = new_state.step
         where = dict(zip(idx, range(len(idx))))
+        segments = segments or [None] * len(idx)
+
+        def narrowed(new: Tensor, dtype: torch.dtype, t: Tensor, name: str, j: int, stochastic: bool) -> Tensor:
+            runs = segments[j]
+            if runs is None or not stochastic:
+                return store_float(new, dtype, self.seed, t, name, j, stochastic)
+            if not hasattr(runs, "positions"):
+                raise ValueError(
+                    f"leaf {j} lays several tensors end to end (segments), and its state is rounded stochastically: "
+                    "its segments must say the tensors' positions (memopt_func._tree.Runs)"
+                )
+            return store_float_runs(new, dtype, self.seed, t, name, runs, stochastic)
 
         def entry(name: str, f: schema.Field, i: int, new: Any, old: Any) -> Any:
             if i not in where:
@@ -180,7 +195,7 @@ class Storage:
             if f.role == schema.SLOT_SUM:  # an 8-bit buffer's sum, recomputed from its slots every step
                 out = new.to(old.dtype)
             else:
-                out = store_float(new, old.dtype, self.seed, t, name, where[i], self.stochastic)
+                out = narrowed(new, old.dtype, t, name, where[i], self.stochastic)
             return old.copy_(out) if donate else out
 
         stored_state = _map_pairs(new_state, state, entry)
@@ -188,7 +203,7 @@ class Storage:
         for j, i in enumerate(idx):
             new, old = new_params[j], params[j]
             if new.dtype != old.dtype:
-                new = store_float(new, old.dtype, self.seed, step[i], "params", j, self.param_stochastic)
+                new = narrowed(new, old.dtype, step[i], "params", j, self.param_stochastic)
                 if donate:
                     new = old.copy_(new)
             out_params.append(new)

@@ -1,8 +1,8 @@
 """Flat layout: the tensors of one (device, dtype) laid end to end in one buffer.
 
 Stepping one flat buffer instead of N tensors keeps the compiled graph, and so the compile
-time, independent of the number of tensors. Tensors are ordered by size inside a buffer so that
-equal sizes form runs ``(count, numel)``: the rules take per-tensor norms over a run as one
+time, independent of the number of tensors. A compiled step orders tensors by size inside a buffer so
+that equal sizes form runs ``(count, numel)``: the rules take per-tensor norms over a run as one
 ``[count, numel]`` reduction (``Rule.step(segments=...)``), which is what keeps a synced
 critical buffer's priority exactly the sum of per-tensor norms.
 """
@@ -30,9 +30,12 @@ class Slot:
 
 
 class FlatLayout:
-    """The placement of a list of tensors in one flat buffer per (device, dtype)."""
+    """The placement of a list of tensors in one flat buffer per (device, dtype): ordered by size
+    (``by_size``, for a compiled step's run-wise reductions) or in the order given (for an eager
+    step, whose multi-tensor reductions take the tensors one by one: the same order as the
+    tensors stepped one leaf each, so a sum over them rounds the same)."""
 
-    def __init__(self, tensors: Sequence[Tensor]) -> None:
+    def __init__(self, tensors: Sequence[Tensor], by_size: bool = True) -> None:
         keys: list[tuple[torch.device, torch.dtype]] = []
         members: dict[tuple, list[int]] = {}
         for i, t in enumerate(tensors):
@@ -46,7 +49,7 @@ class FlatLayout:
         self.totals: list[int] = []
         self.runs: list[tuple[tuple[int, int], ...]] = []
         for g, key in enumerate(keys):
-            order = sorted(members[key], key=lambda i: tensors[i].numel())
+            order = sorted(members[key], key=lambda i: tensors[i].numel()) if by_size else members[key]
             offset, runs = 0, []
             for i in order:
                 n = tensors[i].numel()

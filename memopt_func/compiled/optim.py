@@ -18,17 +18,19 @@ from memopt_func import optim as eager
 from memopt_func.groups import assemble, explode, row_keys
 from memopt_func.optim import MemoryOptimizer
 
-from .stepper import Stepper
+from .stepper import Stepper, flat_refusal
 
 
 class FlatSteps:
     """Compiled stepping of a drop-in optimizer's param groups: per group one ``Stepper`` over the
     group's parameters that require grad, owning flat parameter, gradient and state buffers, with
     ``opt.state`` holding per-parameter views into them. The compiled drop-ins step through it
-    always; an eager drop-in does under ``torch.compile(opt.step)`` (``MemoryOptimizer.step``)."""
+    always; an eager drop-in does under ``torch.compile(opt.step)`` (``MemoryOptimizer.step``).
+    ``grouped=True``: the same steppers uncompiled (``Stepper(grouped=True)``), the eager
+    drop-ins' step on an accelerator (``MemoryOptimizer._steps_grouped``)."""
 
-    def __init__(self, opt: MemoryOptimizer, flat: bool | None = None, cuda_graph: bool | None = None):
-        self.opt, self.flat, self.cuda_graph = opt, flat, cuda_graph
+    def __init__(self, opt: MemoryOptimizer, flat: bool | None = None, cuda_graph: bool | None = None, grouped: bool = False):
+        self.opt, self.flat, self.cuda_graph, self.grouped = opt, flat, cuda_graph, grouped
         self.steppers: dict[int, Stepper] = {}
 
     def stepper(self, index: int, group: dict[str, Any]) -> Stepper:
@@ -41,7 +43,7 @@ class FlatSteps:
         trainable = [i for i, p in enumerate(params) if p.requires_grad] or list(range(len(params)))
         stepped = [params[i] for i in trainable]
         stepper = self.steppers.get(index)
-        if stepper is not None and stepper.rule is rule and stepper.leaves == stepped:
+        if stepper is not None and stepper.rule is rule and stepper.leaves == stepped and stepper.holds_params():
             return stepper
         synced = opt.groups.synced(rule)
         if not opt.state.get(params[0]):  # its layout is now fixed (``_check_layout_kept``)
@@ -52,7 +54,7 @@ class FlatSteps:
         if synced:  # the group's key rows live with its first parameter
             chosen[0].update({k: dicts[0][k] for k in row_keys(template) if k in dicts[0]})
         state = assemble(template, chosen, synced)
-        stepper = Stepper(rule, stepped, state=state, flat=self.flat, cuda_graph=self.cuda_graph)
+        stepper = Stepper(rule, stepped, state=state, flat=self.flat, cuda_graph=self.cuda_graph, compile=not self.grouped, grouped=self.grouped)
         self.steppers[index] = stepper
         for p, entry in zip(params, dicts):
             opt.state.setdefault(p, entry)
@@ -206,6 +208,17 @@ def compile_optimizer(opt: MemoryOptimizer, *, flat: bool | None = None, cuda_gr
     return twin
 
 
-eager.use_flat_stepping(FlatSteps)
+def _groups_flat(rule) -> bool:
+    """Whether an eager step on an accelerator steps a group of this rule as one flat group: its
+    state lays out flat, and it keeps a critical buffer, whose slot writes would otherwise
+    launch kernels per tensor, or rounds state stochastically, whose draws would too (any
+    other eager step is a fixed number of multi-tensor ops already, which a flat group would
+    only add a gradient copy to)."""
+    if flat_refusal(rule, grouped=True) is not None:
+        return False
+    return bool(getattr(rule, "has_buffer", False)) or rule.storage.draws
+
+
+eager.use_flat_stepping(FlatSteps, takes=_groups_flat)
 
 __all__ = ["CompiledOptimizer", "FlatSteps", "compile_optimizer", "Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix"]

@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from memopt_func import _tree, checkpoint, sharding
+from memopt_func._tree import Runs
 from memopt_func import critical_buffer as cb
 from memopt_func.groups import GroupStates, explode
 from memopt_func.rules import Rule
@@ -29,14 +30,16 @@ from .hyper_tensors import ZERO_IS_CONSTANT, as_tensor, hold, kinds, same_number
 from .flat import FlatLayout, flat_state, per_tensor_steps, per_tensor_views, steps_agree
 
 
-def _needs_per_tensor(rule: Rule) -> str | None:
+def flat_refusal(rule: Rule, grouped: bool = False) -> str | None:
     """Why a rule's state cannot be laid out flat (None if it can): a per-tensor critical buffer
-    (synced=False) keeps one decision per tensor; 8-bit state is quantized in blocks of one tensor."""
+    (synced=False) keeps one decision per tensor; 8-bit state is quantized in blocks of one
+    tensor; stochastic rounding draws per tensor element, which the grouped (uncompiled) flat
+    step keeps (``storage.store_float_runs``) and the compiled one does not yet."""
     if "synced" in rule.hyper and not rule.hyper["synced"] and rule.hyper["kappa"] != 0 and rule.hyper["topC"] > 0:
         return "needs synced=True (or no buffer): a per-tensor critical buffer cannot be flattened"
     if rule.storage.quantizes:
         return "does not take 8-bit state (torch.int8 state_dtype or buffer_dtype), which is quantized tensor by tensor"
-    if rule.storage.draws:
+    if rule.storage.draws and not grouped:
         return "does not take stochastic rounding, whose draws are made per tensor element (use rounding='nearest')"
     return None
 
@@ -58,6 +61,11 @@ class Stepper:
     stepper's Inductor options (``emulate_precision_casts``, and on an x86 CPU with 512-bit
     vectors ``cpp.march`` from ``cpu_codegen``: give your own ``cpp.march`` to replace it), and
     a ``mode`` comes in as the options it stands for.
+    ``grouped``: the eager drop-ins' step on an accelerator (``MemoryOptimizer._steps_grouped``;
+    needs ``compile=False``): the flat buffers keep the parameters' order, a critical slot is
+    written without a sink row, and per-step hyperparameters go to the rule as given, so the
+    numbers are those of the per-tensor eager step (where the device's element-wise kernels
+    compute each element alike, as a GPU's do).
     """
 
     def __init__(
@@ -70,7 +78,10 @@ class Stepper:
         compile: bool = True,
         cuda_graph: bool | None = None,
         compile_options: dict[str, Any] | None = None,
+        grouped: bool = False,
     ) -> None:
+        if grouped and compile:
+            raise ValueError("grouped=True is the eager drop-ins' uncompiled flat step: it needs compile=False")
         all_leaves, self._spec = pytree.tree_flatten(params)
         if not all_leaves or not all(isinstance(t, Tensor) for t in all_leaves):
             raise ValueError("params must be a non-empty pytree of tensors")
@@ -95,23 +106,26 @@ class Stepper:
             state = rule.init([t.detach() for t in leaves])
         else:
             rule.check_state(state, leaves)
+        refusal = flat_refusal(rule, grouped)
         if flat is None:
-            flat = not _needs_per_tensor(rule) and steps_agree(state.step, FlatLayout(leaves))
-        elif flat and _needs_per_tensor(rule):
-            raise ValueError(f"flat=True {_needs_per_tensor(rule)}")
+            flat = not refusal and steps_agree(state.step, FlatLayout(leaves))
+        elif flat and refusal:
+            raise ValueError(f"flat=True {refusal}")
         self.flat = flat
         self._leaves = leaves
         if flat:
-            self.layout = FlatLayout(leaves)
+            self.layout = FlatLayout(leaves, by_size=not grouped)
             self._step_params = self.layout.flatten([t.detach() for t in leaves])
             views = self.layout.views(self._step_params)
             for leaf, view in zip(leaves, views):
                 leaf.data = view
             self._grads = [torch.zeros_like(f) for f in self._step_params]
             self._grad_views = self.layout.views(self._grads)
-            self._segments = self.layout.runs
+            self._segments = [
+                Runs(runs, [s.index for s in self.layout.members(g) if s.numel > 0]) for g, runs in enumerate(self.layout.runs)
+            ]
             state = flat_state(state, self.layout)
-            if not _slots_on_host(leaves[0].device):
+            if not grouped and not _slots_on_host(leaves[0].device):
                 # A sink row after each critical buffer's slots takes the refused elements (see
                 # critical_buffer.write): the slot write then needs no temporary under Inductor.
                 state = cb.map_buffers(state, cb.with_sink)
@@ -122,8 +136,13 @@ class Stepper:
             self._segments = None
         self._step_state = state
         device = self._step_params[0].device
+        # Each per-step hyperparameter lives in a 0-d tensor (a new lr recompiles nothing);
+        # grouped, the step takes the values as given, as the eager drop-ins do (a Python float
+        # stays a float: the same kernels, the same numbers).
+        self._hyper_as_given = grouped
         self._hyper = {
-            name: as_tensor(rule.hyper[name], device, name in ZERO_IS_CONSTANT) for name in rule.dynamic_names()
+            name: rule.hyper[name] if self._hyper_as_given else as_tensor(rule.hyper[name], device, name in ZERO_IS_CONSTANT)
+            for name in rule.dynamic_names()
         }
         # the plain numbers that the step's hyperparameter tensors hold (None: unknown, e.g. a tensor
         # was given), so that a step given the same numbers again writes nothing to the device
@@ -135,7 +154,7 @@ class Stepper:
         if cuda_graph and not flat:
             raise ValueError(
                 "cuda_graph=True needs a flat stepper (flat=False was given, or the rule steps per tensor: "
-                f"{_needs_per_tensor(rule) or 'flat=False'}); leave cuda_graph unset to step without a graph"
+                f"{flat_refusal(rule) or 'flat=False'}); leave cuda_graph unset to step without a graph"
             )
         self.cuda_graph = cuda_graph
         self._graph = None
@@ -167,6 +186,16 @@ class Stepper:
         for i, t in zip(self._active, stepped):
             out[i] = t
         return pytree.tree_unflatten(out, self._spec)
+
+    def holds_params(self) -> bool:
+        """Whether each stepped parameter still holds the storage this stepper steps (the view of
+        its flat buffer, or its own tensor): False once something re-pointed ``param.data``
+        (``module.to(...)``, a new ``data``), after which this stepper would step stale copies."""
+        mine = self.layout.views(self._step_params) if self.flat else self._step_params
+        return all(
+            leaf.data_ptr() == t.data_ptr() and leaf.shape == t.shape and leaf.dtype == t.dtype and leaf.device == t.device
+            for leaf, t in zip(self._leaves, mine)
+        )
 
     @property
     def leaves(self) -> list[Tensor]:
@@ -239,6 +268,10 @@ class Stepper:
 
     def set_hyper(self, **per_step: Any) -> None:
         """Set per-step hyperparameters (floats or 0-d tensors) for the following steps."""
+        if self._hyper_as_given:
+            self.rule.resolve(per_step)  # validates names and values
+            self._hyper.update(per_step)
+            return
         if all(same_number(self._numbers.get(name), value) for name, value in per_step.items()):
             return  # the numbers the step tensors already hold (checked when they were set)
         self.rule.resolve(per_step)  # validates names and values
@@ -260,11 +293,16 @@ class Stepper:
         moved = [i for i, g in enumerate(grads) if g is not None and new_params[i] is not params[i]]
         if moved:
             torch._foreach_copy_([params[i] for i in moved], [new_params[i] for i in moved])
-        late = []
+        late, copies = [], []
         for dst, src in zip(pytree.tree_leaves(state), pytree.tree_leaves(new_state)):
             if _scalar64(dst):
                 late.append(src)
             elif dst is not src:
+                copies.append((dst, src))
+        if self._hyper_as_given and copies:  # grouped: the small state tensors (keys, counters) in one op
+            torch._foreach_copy_([d for d, _ in copies], [s for _, s in copies])
+        else:
+            for dst, src in copies:
                 dst.copy_(src)
         return late
 

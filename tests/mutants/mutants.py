@@ -78,6 +78,8 @@ SUBSETS = {
         "properties/test_prop_storage.py",
     ],
     "migrate": ["tests/test_migrate.py", "tests/test_golden_checkpoints.py"],
+    # the eager drop-ins' grouped (flat, uncompiled) step on an accelerator, run on CPU tensors
+    "grouped": ["tests/test_grouped_steps.py", "tests/test_launches.py::test_a_flat_group_launches_the_same_whatever_the_tensor_sizes"],
     # two gloo processes: sharded priorities against one process, and skews that catch a wrong
     # combination of the shards' norms
     "sharding": [
@@ -112,14 +114,14 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "cb-synced-global-norm", CB,
-        "return torch.where(torch.isfinite(norms), norms, 0).sum().reshape(1)",
-        "return torch.where(torch.isfinite(norms), norms, 0).norm().reshape(1)",
+        "return torch.where(M.finite(norms) if finite is None else finite, norms, 0).sum().reshape(1)",
+        "return torch.where(M.finite(norms) if finite is None else finite, norms, 0).norm().reshape(1)",
         "synced priority: the global norm instead of the sum of norms",
         "gap: SPEC says the synced priority is the sum of norms, not the global norm",
     ),
     Mutant(
         "cb-nonfinite-sum", CB,
-        "return torch.where(torch.isfinite(norms), norms, 0).sum().reshape(1)",
+        "return torch.where(M.finite(norms) if finite is None else finite, norms, 0).sum().reshape(1)",
         "return norms.sum().reshape(1)",
         "a non-finite norm is kept in the synced sum",
         "gap: a NaN/inf tensor must take no part in the synced priority",
@@ -474,8 +476,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "st-no-state-copy-back", STEPPER,
-        "            elif dst is not src:\n                dst.copy_(src)\n",
-        "            elif dst is not src:\n                pass\n",
+        "            for dst, src in copies:\n                dst.copy_(src)\n",
+        "            for dst, src in copies:\n                pass\n",
         "state tensors that the step returns fresh (keys, counters) are not copied back",
         "gap: every state tensor persists across steps",
         tests="stepper",
@@ -814,4 +816,38 @@ MUTANTS: list[Mutant] = [
         "gap: every entry is loaded",
         tests="checkpoint",
     ),
+    # ------------------------------------------------------------------ grouped eager steps
+    Mutant(
+        "gr-draw-flat-index", "memopt_func/_codes.py",
+        "    counter = torch.arange(n, device=x.device, dtype=torch.int64) - starts.repeat_interleave(sizes, output_size=n)\n",
+        "    counter = torch.arange(n, device=x.device, dtype=torch.int64)\n",
+        "a flat group's stochastic rounding counts elements across the whole buffer, not within each tensor",
+        "gap: SPEC 'Random streams': any layout draws the same bits for the same element",
+        tests="grouped",
+    ),
+    Mutant(
+        "gr-layout-by-size", STEPPER,
+        "            self.layout = FlatLayout(leaves, by_size=not grouped)\n",
+        "            self.layout = FlatLayout(leaves)\n",
+        "a grouped step orders its tensors by size, so the synced priority sums the norms in another order",
+        "gap: the grouped step must give the per-tensor step's bits",
+        tests="grouped",
+    ),
+    Mutant(
+        "gr-flags-first-tensor", CB,
+        "            out.append(finite[t : t + sizes.shape[0]].repeat_interleave(sizes, output_size=_numel(runs)))\n",
+        "            out.append(finite[t].expand(_numel(runs)))\n",
+        "a flat group takes its first tensor's finiteness for every element",
+        "gap: a tensor with a non-finite gradient is left out of the slot write, the others are not",
+        tests="grouped",
+    ),
+    Mutant(
+        "gr-stale-stepper", "memopt_func/compiled/optim.py",
+        " and stepper.leaves == stepped and stepper.holds_params():",
+        " and stepper.leaves == stepped:",
+        "a parameter given new storage keeps being stepped in the old flat buffer",
+        "gap: param.data re-pointed (module.to) must be stepped where it now lives",
+        tests="grouped",
+    ),
+
 ]
