@@ -224,7 +224,8 @@ def decide(
         admitted = admitted | (uniform(seed, offers, stream) < critical_test)
     admitted = admitted & usable
     new_key = torch.where(admitted, nu.to(keys.dtype), key_at_slot)
-    filled = count + (~full & admitted).to(torch.int64)
+    # a full row stays full (count == topC); another fills a slot where admitted (count <= topC)
+    filled = (count + admitted).clamp(max=top_c)
     if finite is None:
         left_out = torch.zeros_like(count)
     elif synced:
@@ -249,7 +250,7 @@ def decide(
         keys=keys.scatter(1, slot[:, None], new_key[:, None]),
         count=filled,
         offers=offers + 1,
-        accepted=_tree.rows(state.accepted, moved) + admitted.to(torch.int64),
+        accepted=_tree.rows(state.accepted, moved) + admitted,  # int64 + bool: int64
         nonfinite=_tree.rows(state.nonfinite, moved) + left_out,
         leaf={i: (per_row[r][0], adm, per_row[r][2], per_row[r][3]) for i, r, adm in zip(idx, rows, leaf_adm)},
         row=dict(zip(idx, rows)),

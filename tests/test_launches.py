@@ -25,16 +25,16 @@ from memopt_func import optim  # noqa: E402
 
 CEILING = {
     "AdEMAMix": (24, 0),
-    "Adam_CM": (81, 0),
-    "Adam_C": (75, 0),
-    "SGD_C": (59, 0),
-    "RMSprop_C": (64, 0),
-    "Adam_C, synced=False": (60, 11),
+    "Adam_CM": (78, 0),
+    "Adam_C": (72, 0),
+    "SGD_C": (56, 0),
+    "RMSprop_C": (61, 0),
+    "Adam_C, synced=False": (57, 11),
     "AdEMAMix, bf16 state": (178, 0),
-    "Adam_CM, bf16 state and buffer": (184, 0),
-    "Adam_CM, bf16 state and buffer, nearest": (88, 0),
+    "Adam_CM, bf16 state and buffer": (181, 0),
+    "Adam_CM, bf16 state and buffer, nearest": (85, 0),
     "AdEMAMix, int8 state": (24, 205),
-    "Adam_CM, int8 state and buffer": (65, 254),
+    "Adam_CM, int8 state and buffer": (62, 254),
 }
 
 
