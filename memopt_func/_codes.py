@@ -288,20 +288,48 @@ def _k_round_at(x: Tensor, salt: Tensor, counter: Tensor, stream: Tensor, dtype:
     return round_float(x, dtype, uniform_salted(salt, counter, stream))
 
 
-_RUN_INDEX: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 _SALTS: dict[tuple, Tensor] = {}
+#: A flat leaf's draws are made this many elements at a time, so that their int64 counters and
+#: streams (16 bytes per element) stay a bounded temporary whatever the leaf's size.
+RUN_CHUNK = 1 << 22
 
 
-def _run_index(runs: Any, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """(positions [T], sizes [T], starts [T]) of a flat leaf's tensors as int64 tensors on
-    device, made once per layout and device (no host copy in a step)."""
-    key = (tuple(runs), runs.positions, device)
-    got = _RUN_INDEX.get(key)
-    if got is None:
-        sizes = runs.sizes()
-        starts = [sum(sizes[:k]) for k in range(len(sizes))]
-        made = [torch.tensor(v, dtype=torch.int64, device=device) for v in (runs.positions, sizes, starts)]
-        got = _RUN_INDEX[key] = (made[0], made[1], made[2])
+def _salt_on(seed: int, device: torch.device) -> Tensor:
+    salt = _SALTS.get((seed, device))
+    if salt is None:
+        salt = _SALTS[(seed, device)] = torch.tensor(_salt(seed), dtype=torch.int64, device=device)
+    return salt
+
+
+def _run_chunks(runs: Any, device: torch.device) -> tuple[Tensor, list[tuple[int, int, int, int, Tensor, Tensor]]]:
+    """(positions [T] on device, chunks): each chunk ``(a, b, k0, k1, base, sizes)`` covers
+    elements ``[a, b)`` of the flat leaf, which hold pieces of tensors ``k0 .. k1 - 1``;
+    ``sizes`` are the pieces' lengths and ``base`` each piece's first index in its tensor minus
+    its offset in the chunk (int64 on device). Made once per layout and device, kept on runs."""
+    cache = runs.__dict__.setdefault("_chunks", {})
+    got = cache.get(device)
+    if got is not None:
+        return got
+    sizes = runs.sizes()
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + n)
+    total, chunks, k = starts[-1], [], 0
+    for a in range(0, total, RUN_CHUNK):
+        b = min(a + RUN_CHUNK, total)
+        while starts[k + 1] <= a:
+            k += 1
+        k0, pieces, bases = k, [], []
+        j = k
+        while j < len(sizes) and starts[j] < b:
+            lo, hi = max(starts[j], a), min(starts[j + 1], b)
+            if hi > lo:
+                pieces.append(hi - lo)
+                bases.append((lo - starts[j]) - (lo - a))
+            j += 1
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+        chunks.append((a, b, k0, k0 + len(pieces), as_tensor(bases), as_tensor(pieces)))
+    got = cache[device] = (torch.tensor(runs.positions, dtype=torch.int64, device=device), chunks)
     return got
 
 
@@ -309,19 +337,30 @@ def store_float_runs(x: Tensor, dtype: torch.dtype, seed: int, step: Tensor, fie
     """``store_float`` of a flat leaf that lays several tensors end to end (``runs``, a
     ``_tree.Runs`` with their positions): each element draws the bits it would draw in its own
     tensor, from (seed, its index in that tensor, the step, the field, the tensor's position),
-    so the flat leaf rounds exactly as the tensors stepped one by one."""
+    so the flat leaf rounds exactly as the tensors stepped one by one. The draws go
+    ``RUN_CHUNK`` elements at a time: a fixed number of launches per chunk, whatever the number
+    of tensors."""
     if not stochastic:
         return x.to(dtype)
     flat = x.reshape(-1)
-    positions, sizes, starts = _run_index(runs, x.device)
-    n = flat.numel()
-    counter = torch.arange(n, device=x.device, dtype=torch.int64) - starts.repeat_interleave(sizes, output_size=n)
-    stream = _stream(step.to(x.device), field, positions).repeat_interleave(sizes, output_size=n)
-    salt = _SALTS.get((seed, x.device))
-    if salt is None:
-        salt = _SALTS[(seed, x.device)] = torch.tensor(_salt(seed), dtype=torch.int64, device=x.device)
-    out = _run(_k_round_at, ("round-at", x.dtype, dtype), flat, salt, counter, stream, dtype)
+    positions, chunks = _run_chunks(runs, x.device)
+    salt = _salt_on(seed, x.device)
+    streams = _stream(step.to(x.device), field, positions)
+    if len(chunks) == 1:
+        out = _round_chunk(flat, salt, streams, chunks[0], dtype)
+    else:
+        out = torch.empty(flat.shape, dtype=dtype, device=x.device)
+        for chunk in chunks:
+            out[chunk[0] : chunk[1]] = _round_chunk(flat[chunk[0] : chunk[1]], salt, streams, chunk, dtype)
     return out.view(x.shape)
+
+
+def _round_chunk(part: Tensor, salt: Tensor, streams: Tensor, chunk, dtype: torch.dtype) -> Tensor:
+    a, b, k0, k1, base, sizes = chunk
+    n = b - a
+    counter = torch.arange(n, device=part.device, dtype=torch.int64) + base.repeat_interleave(sizes, output_size=n)
+    stream = streams[k0:k1].repeat_interleave(sizes, output_size=n)
+    return _run(_k_round_at, ("round-at", part.dtype, dtype), part, salt, counter, stream, dtype)
 
 
 def store_codes(x: Tensor, kind: str, seed: int, step: Tensor, field: str, position: int, stochastic: bool) -> Quantized:

@@ -40,6 +40,23 @@ def use_flat_stepping(factory: Callable[..., Any], takes: Callable[[Rule], bool]
     _FLAT_STEPPING["takes"] = takes
 
 
+def _groups_flat(params: list[Tensor]) -> bool:
+    """Whether a param group's parameters can step as one flat group with the numbers of the
+    per-tensor step: on one accelerator in one dtype (one flat buffer, whose tensors' norms sum
+    in the parameters' order), none empty (its norm, 0, takes a place in that sum), none frozen
+    with a gradient (the per-tensor step steps it; a flat group leaves frozen tensors out), and
+    none an FSDP1 flat parameter (FSDP re-points its storage at every reshard)."""
+    first = params[0]
+    if not group_steps(first.device):
+        return False
+    for p in params:
+        if p.device != first.device or p.dtype != first.dtype or p.numel() == 0 or getattr(p, "_is_flat_param", False):
+            return False
+        if not p.requires_grad and p.grad is not None:
+            return False
+    return True
+
+
 def group_steps(device: torch.device) -> bool:
     """Whether an eager step over parameters on ``device`` runs each param group as one flat
     group (``MemoryOptimizer._steps_grouped``): on an accelerator, where every kernel launch
@@ -137,19 +154,21 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
     def _steps_grouped(self) -> bool:
         """Whether this eager step runs each param group as one flat group, through uncompiled
-        flat steppers (``FlatSteps(opt, grouped=True)``): every parameter on an accelerator
-        (``group_steps``), no complex or DTensor parameter, not ``differentiable``, and every
-        group's rule laid out flat (not yet: 8-bit or stochastically rounded state, a per-tensor
-        critical buffer). As under ``torch.compile``, the parameters then become views into
-        one flat buffer per group, dtype and device, and the state entries views into the flat
-        state. Where a step does not qualify (a group added that does not), every group goes
-        back to the rule's own per-tensor step over the same state entries."""
+        flat steppers (``FlatSteps(opt, grouped=True)``): not ``differentiable``; in every group
+        the parameters on one accelerator in one dtype (``group_steps``), none of them complex,
+        DTensor, FSDP1 flat or empty, none frozen with a gradient; and every group's rule one
+        that a flat group helps (``use_flat_stepping``'s ``takes``: a synced critical buffer or
+        stochastically rounded state, not 8-bit state, not ``foreach=False``). As under
+        ``torch.compile``, the parameters then become views into one flat buffer per group, and
+        the state entries views into the flat state. Where a step does not qualify (a group
+        added that does not), every group goes back to the rule's own per-tensor step over the
+        same state entries."""
         takes = _FLAT_STEPPING["takes"]
         fits = (
             takes is not None
             and self.__dict__.get("_flat_fits", False)
             and not self.defaults.get("differentiable", False)
-            and all(group_steps(p.device) for group in self.param_groups for p in group["params"])
+            and all(_groups_flat(group["params"]) for group in self.param_groups)
         )
         if fits:
             try:

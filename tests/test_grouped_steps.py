@@ -231,3 +231,101 @@ def test_differentiable_and_cpu_steps_are_not_grouped():
         assert plain._steps_grouped()
     assert not plain._steps_grouped()  # on a CPU
     assert not O.group_steps(torch.device("cpu")) and O.group_steps(torch.device("meta"))
+
+
+def _grouped_now(opt) -> bool:
+    with grouped():
+        return opt._steps_grouped()
+
+
+def test_groups_that_would_not_give_the_per_tensor_numbers_step_per_tensor():
+    """One flat buffer per group, every tensor's norm in the parameters' order: a group that
+    mixes dtypes, holds an empty tensor, a frozen tensor with a gradient, or an FSDP1 flat
+    parameter steps per tensor; so does ``foreach=False``."""
+    def opt_over(params, **kw):
+        return dropin("Adam_CM")(params, lr=1e-2, topC=2, **kw)
+
+    a, b = torch.nn.Parameter(torch.randn(32)), torch.nn.Parameter(torch.randn(32))
+    assert _grouped_now(opt_over([a, b]))
+    assert not _grouped_now(opt_over([a, torch.nn.Parameter(torch.randn(32, dtype=torch.float64))]))
+    assert not _grouped_now(opt_over([a, torch.nn.Parameter(torch.randn(0))]))
+    assert not _grouped_now(opt_over([a, b], foreach=False))
+    frozen = torch.nn.Parameter(torch.randn(32), requires_grad=False)
+    assert _grouped_now(opt_over([a, frozen]))
+    frozen.grad = torch.randn(32)
+    assert not _grouped_now(opt_over([a, frozen]))
+    flat_param = torch.nn.Parameter(torch.randn(32))
+    flat_param._is_flat_param = True  # what torch.distributed.fsdp's FlatParameter carries
+    assert not _grouped_now(opt_over([a, flat_param]))
+
+
+def test_toggling_requires_grad_steps_as_per_tensor():
+    def run(group):
+        model = mlp()
+        params = list(model.parameters())
+        opt = dropin("Adam_CM")(params, lr=1e-2, topC=2)
+        for k in range(6):
+            for i, p in enumerate(params):
+                p.requires_grad_(not (k in (2, 3) and i == k - 1))  # params[1] frozen at 2, params[2] at 3
+            opt.zero_grad()
+            mse(model, k).backward()
+            with grouped() if group else contextlib.nullcontext():
+                opt.step()
+        return model, opt
+
+    (ma, oa), (mb, ob) = run(False), run(True)
+    _assert_same(ma, oa, mb, ob)
+
+
+def test_state_cleared_or_replaced_between_grouped_steps_is_taken_as_the_per_tensor_step_takes_it():
+    def run(group):
+        model = mlp()
+        params = list(model.parameters())
+        opt = dropin("Adam_CM")(params, lr=1e-2, topC=2)
+        for k in range(6):
+            if k == 2:
+                opt.state.clear()
+            if k == 3:  # a tensor replaced inside an entry
+                opt.state[params[2]]["exp_avg_sq"] = torch.full_like(params[2], 0.5)
+            if k == 4:  # an entry replaced
+                entry = dict(opt.state[params[1]])
+                entry["exp_avg"] = torch.zeros_like(params[1])
+                opt.state[params[1]] = entry
+            opt.zero_grad()
+            mse(model, k).backward()
+            with grouped() if group else contextlib.nullcontext():
+                opt.step()
+        return model, opt
+
+    (ma, oa), (mb, ob) = run(False), run(True)
+    _assert_same(ma, oa, mb, ob)
+
+
+def test_a_grouped_step_keeps_no_gradient_buffer_and_leaves_grad_alone():
+    """The gradients are copied into a flat buffer of the step's own, freed after it: no second
+    copy of the gradients lives between steps, and ``.grad`` is the tensor backward made."""
+    model = mlp()
+    opt = dropin("Adam_CM")(model.parameters(), lr=1e-2, topC=2)
+    for k in range(2):
+        opt.zero_grad()
+        mse(model, k).backward()
+        grads = [p.grad for p in model.parameters()]
+        with grouped():
+            opt.step()
+        assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+    stepper = opt.__dict__["_group_steps"].steppers[0]
+    assert stepper.flat and stepper._grads is None
+
+
+@pytest.mark.parametrize("chunk", [50, 1000])
+def test_draws_made_a_chunk_at_a_time_are_the_per_tensor_draws(chunk):
+    """A flat group's stochastic rounding goes ``RUN_CHUNK`` elements at a time; chunks that
+    start and end inside tensors draw each element's own bits all the same."""
+    from memopt_func import _codes
+
+    kwargs = dict(lr=1e-2, topC=2, state_dtype=torch.bfloat16, seed=5)
+    with mock.patch.object(_codes, "RUN_CHUNK", chunk):
+        (ma, oa), (mb, ob) = (_run("Adam_CM", kwargs, torch.float32, 4, group) for group in (False, True))
+    _assert_same(ma, oa, mb, ob)
+    runs = ob.__dict__["_group_steps"].steppers[0]._segments[0]
+    assert len(runs.__dict__["_chunks"][torch.device("cpu")][1]) > 1

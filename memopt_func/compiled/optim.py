@@ -32,6 +32,9 @@ class FlatSteps:
     def __init__(self, opt: MemoryOptimizer, flat: bool | None = None, cuda_graph: bool | None = None, grouped: bool = False):
         self.opt, self.flat, self.cuda_graph, self.grouped = opt, flat, cuda_graph, grouped
         self.steppers: dict[int, Stepper] = {}
+        # per group, the state entries (dicts) that ``adopt`` put in ``opt.state``: a step finding
+        # other ones there (``opt.state`` cleared, an entry replaced) adopts them afresh
+        self.entries: dict[int, list[tuple[Any, dict]]] = {}
 
     def stepper(self, index: int, group: dict[str, Any]) -> Stepper:
         """The group's stepper, over its parameters that require grad (a frozen one is never
@@ -43,7 +46,8 @@ class FlatSteps:
         trainable = [i for i, p in enumerate(params) if p.requires_grad] or list(range(len(params)))
         stepped = [params[i] for i in trainable]
         stepper = self.steppers.get(index)
-        if stepper is not None and stepper.rule is rule and stepper.leaves == stepped and stepper.holds_params():
+        same = stepper is not None and len(stepper.leaves) == len(stepped) and all(a is b for a, b in zip(stepper.leaves, stepped))
+        if same and stepper.rule is rule and stepper.holds_params() and self._entries_kept(index):
             return stepper
         synced = opt.groups.synced(rule)
         if not opt.state.get(params[0]):  # its layout is now fixed (``_check_layout_kept``)
@@ -72,6 +76,19 @@ class FlatSteps:
         if synced and stepped[0] is not params[0]:
             rows = {k: entries[0].pop(k) for k in row_keys(stepper.per_tensor_state()) if k in entries[0]}
             opt.state[params[0]] = {**opt.state[params[0]], **rows}
+        index = next(i for i, g in enumerate(opt.param_groups) if g is group)
+        self.entries[index] = [(p, e, tuple(e.values())) for p in params for e in (opt.state.get(p, {}),)]
+
+    def _entries_kept(self, index: int) -> bool:
+        """Whether ``opt.state`` still holds what ``adopt`` put there for the group: the same
+        entry (dict) per parameter, holding the same tensors. A step finding anything else (the
+        state cleared, an entry or a tensor in it replaced) adopts ``opt.state`` afresh, as the
+        per-tensor step reads it every step."""
+        state = self.opt.state
+        for p, entry, values in self.entries.get(index, ()):
+            if state.get(p) is not entry or len(entry) != len(values) or not all(a is b for a, b in zip(entry.values(), values)):
+                return False
+        return True
 
     def check(self, index: int, group: dict[str, Any]) -> bool:
         """Whether the group steps (some parameter has a gradient), raising ValueError for
@@ -214,8 +231,8 @@ def _groups_flat(rule) -> bool:
     launch kernels per tensor, or rounds state stochastically, whose draws would too (any
     other eager step is a fixed number of multi-tensor ops already, which a flat group would
     only add a gradient copy to)."""
-    if flat_refusal(rule, grouped=True) is not None:
-        return False
+    if flat_refusal(rule, grouped=True) is not None or rule.hyper.get("foreach") is False:
+        return False  # (foreach=False asks for one op per tensor)
     return bool(getattr(rule, "has_buffer", False)) or rule.storage.draws
 
 

@@ -119,8 +119,11 @@ class Stepper:
             views = self.layout.views(self._step_params)
             for leaf, view in zip(leaves, views):
                 leaf.data = view
-            self._grads = [torch.zeros_like(f) for f in self._step_params]
-            self._grad_views = self.layout.views(self._grads)
+            if grouped:  # gradients copied into a flat buffer of the step's own, freed after it
+                self._grads, self._grad_views = None, None
+            else:  # kept, with each .grad a view of it, so that backward accumulates into it
+                self._grads = [torch.zeros_like(f) for f in self._step_params]
+                self._grad_views = self.layout.views(self._grads)
             self._segments = [
                 Runs(runs, [s.index for s in self.layout.members(g) if s.numel > 0]) for g, runs in enumerate(self.layout.runs)
             ]
@@ -135,6 +138,7 @@ class Stepper:
             self._grads = None
             self._segments = None
         self._step_state = state
+        self._held = None  # (the tensors stepped, each parameter's pointer, dtype, shape): holds_params
         device = self._step_params[0].device
         # Each per-step hyperparameter lives in a 0-d tensor (a new lr recompiles nothing);
         # grouped, the step takes the values as given, as the eager drop-ins do (a Python float
@@ -191,11 +195,11 @@ class Stepper:
         """Whether each stepped parameter still holds the storage this stepper steps (the view of
         its flat buffer, or its own tensor): False once something re-pointed ``param.data``
         (``module.to(...)``, a new ``data``), after which this stepper would step stale copies."""
-        mine = self.layout.views(self._step_params) if self.flat else self._step_params
-        return all(
-            leaf.data_ptr() == t.data_ptr() and leaf.shape == t.shape and leaf.dtype == t.dtype and leaf.device == t.device
-            for leaf, t in zip(self._leaves, mine)
-        )
+        if self._held is None or self._held[0] is not self._step_params:
+            mine = self.layout.views(self._step_params) if self.flat else self._step_params
+            self._held = (self._step_params, [(t.data_ptr(), t.dtype, t.shape) for t in mine])
+        # a pointer, dtype and shape per parameter: no tensor is made (this runs every step)
+        return all(leaf.data_ptr() == ptr and leaf.dtype == dtype and leaf.shape == shape for leaf, (ptr, dtype, shape) in zip(self._leaves, self._held[1]))
 
     @property
     def leaves(self) -> list[Tensor]:
@@ -333,7 +337,7 @@ class Stepper:
         """Whether params are exactly this flat stepper's tensors and each ``.grad`` is still the
         view of the flat gradient buffer that the stepper installed (so shapes, dtypes and devices
         need no check)."""
-        if not self.flat or len(params) != len(self._leaves):
+        if not self.flat or self._grad_views is None or len(params) != len(self._leaves):
             return False
         return all(p is leaf and p.grad is view for p, leaf, view in zip(params, self._leaves, self._grad_views))
 
@@ -353,6 +357,10 @@ class Stepper:
             self._leave_flat()
         if not self.flat:
             return given
+        if self._grad_views is None:  # grouped: the step's own flat copy of the gradients
+            flats = [torch.empty_like(f) for f in self._step_params]
+            torch._foreach_copy_(self.layout.views(flats), given)
+            return flats
         copies = [(v, g) for v, g in zip(self._grad_views, given) if g.data_ptr() != v.data_ptr()]
         if copies:
             torch._foreach_copy_([v for v, _ in copies], [g for _, g in copies])
@@ -378,7 +386,7 @@ class Stepper:
 
     def zero_grad(self) -> None:
         """Zero the gradients in place, keeping a flat stepper's gradient views installed."""
-        if self.flat:
+        if self.flat and self._grads is not None:
             for g in self._grads:
                 g.zero_()
             for leaf, view in zip(self._leaves, self._grad_views):

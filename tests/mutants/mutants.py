@@ -819,9 +819,9 @@ MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ grouped eager steps
     Mutant(
         "gr-draw-flat-index", "memopt_func/_codes.py",
-        "    counter = torch.arange(n, device=x.device, dtype=torch.int64) - starts.repeat_interleave(sizes, output_size=n)\n",
-        "    counter = torch.arange(n, device=x.device, dtype=torch.int64)\n",
-        "a flat group's stochastic rounding counts elements across the whole buffer, not within each tensor",
+        "    counter = torch.arange(n, device=part.device, dtype=torch.int64) + base.repeat_interleave(sizes, output_size=n)\n",
+        "    counter = torch.arange(n, device=part.device, dtype=torch.int64)\n",
+        "a flat group's stochastic rounding counts elements across the chunk, not within each tensor",
         "gap: SPEC 'Random streams': any layout draws the same bits for the same element",
         tests="grouped",
     ),
