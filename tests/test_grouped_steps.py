@@ -100,12 +100,15 @@ def _assert_same(ma, oa, mb, ob) -> None:
             assert _same(sa[i][k], sb[i][k]), f"state[{i}][{k}] differs"
 
 
-def _run(name, kwargs, dtype, steps, group, *, bad_at=None, skip_at=None, lr_at=None):
-    """(model, opt) after ``steps`` eager steps, grouped or per tensor."""
+def _run(name, kwargs, dtype, steps, group, *, bad_at=None, skip_at=None, lr_at=None, before=None):
+    """(model, opt) after ``steps`` eager steps, grouped or per tensor; ``before(k, params,
+    opt)`` runs ahead of step k's backward."""
     model = mlp(dtype=dtype)
     params = list(model.parameters())
     opt = dropin(name)(params, **kwargs)
     for k in range(steps):
+        if before is not None:
+            before(k, params, opt)
         opt.zero_grad()
         mse(model, k).backward()
         if k == bad_at:
@@ -259,46 +262,32 @@ def test_groups_that_would_not_give_the_per_tensor_numbers_step_per_tensor():
     assert not _grouped_now(opt_over([a, flat_param]))
 
 
-def test_toggling_requires_grad_steps_as_per_tensor():
-    def run(group):
-        model = mlp()
-        params = list(model.parameters())
-        opt = dropin("Adam_CM")(params, lr=1e-2, topC=2)
-        for k in range(6):
-            for i, p in enumerate(params):
-                p.requires_grad_(not (k in (2, 3) and i == k - 1))  # params[1] frozen at 2, params[2] at 3
-            opt.zero_grad()
-            mse(model, k).backward()
-            with grouped() if group else contextlib.nullcontext():
-                opt.step()
-        return model, opt
-
-    (ma, oa), (mb, ob) = run(False), run(True)
+def _both_ways(before) -> None:
+    """Adam_CM stepped per tensor and grouped, with ``before`` between steps: the same bits."""
+    (ma, oa), (mb, ob) = (_run("Adam_CM", dict(lr=1e-2, topC=2), torch.float32, 6, group, before=before) for group in (False, True))
     _assert_same(ma, oa, mb, ob)
+
+
+def test_toggling_requires_grad_steps_as_per_tensor():
+    def toggle(k, params, opt):
+        for i, p in enumerate(params):
+            p.requires_grad_(not (k in (2, 3) and i == k - 1))  # params[1] frozen at 2, params[2] at 3
+
+    _both_ways(toggle)
 
 
 def test_state_cleared_or_replaced_between_grouped_steps_is_taken_as_the_per_tensor_step_takes_it():
-    def run(group):
-        model = mlp()
-        params = list(model.parameters())
-        opt = dropin("Adam_CM")(params, lr=1e-2, topC=2)
-        for k in range(6):
-            if k == 2:
-                opt.state.clear()
-            if k == 3:  # a tensor replaced inside an entry
-                opt.state[params[2]]["exp_avg_sq"] = torch.full_like(params[2], 0.5)
-            if k == 4:  # an entry replaced
-                entry = dict(opt.state[params[1]])
-                entry["exp_avg"] = torch.zeros_like(params[1])
-                opt.state[params[1]] = entry
-            opt.zero_grad()
-            mse(model, k).backward()
-            with grouped() if group else contextlib.nullcontext():
-                opt.step()
-        return model, opt
+    def meddle(k, params, opt):
+        if k == 2:
+            opt.state.clear()
+        if k == 3:  # a tensor replaced inside an entry
+            opt.state[params[2]]["exp_avg_sq"] = torch.full_like(params[2], 0.5)
+        if k == 4:  # an entry replaced
+            entry = dict(opt.state[params[1]])
+            entry["exp_avg"] = torch.zeros_like(params[1])
+            opt.state[params[1]] = entry
 
-    (ma, oa), (mb, ob) = run(False), run(True)
-    _assert_same(ma, oa, mb, ob)
+    _both_ways(meddle)
 
 
 def test_a_grouped_step_keeps_no_gradient_buffer_and_leaves_grad_alone():
