@@ -260,6 +260,21 @@ class Runs(tuple):
         return [n for k, n in self for _ in range(k)]
 
 
+_PLAIN_SIZES: dict[tuple, Tensor] = {}
+
+
+def sizes_on(runs: Any, device: torch.device) -> Tensor:
+    """Each tensor's number of elements in a leaf's segments ``runs``, as int64 on device: made
+    once per layout and device, kept on a ``Runs`` (a plain tuple of runs in a module table), so
+    a step makes no host-to-device copy and hashes no runs."""
+    cache = runs.__dict__ if isinstance(runs, Runs) else _PLAIN_SIZES
+    key = ("sizes", device) if isinstance(runs, Runs) else (tuple(runs), device)
+    sizes = cache.get(key)
+    if sizes is None:
+        sizes = cache[key] = torch.tensor([n for k, n in runs for _ in range(k)], dtype=torch.int64, device=device)
+    return sizes
+
+
 def check_segments(segments: Any, leaves: Sequence[Tensor]) -> list | None:
     """Validate per-leaf runs ``((count, numel), ...)`` that tile each leaf exactly."""
     if segments is None:

@@ -271,7 +271,11 @@ def _leaf_flags(finite: Tensor, segments) -> list[Tensor]:
         # tensors' sizes are kept on the device)
         out, t = [], 0
         for runs in segments:
-            sizes = _tensor_sizes(runs, finite.device)
+            if runs is None:  # a leaf of one tensor: its flag
+                out.append(finite[t])
+                t += 1
+                continue
+            sizes = _tree.sizes_on(runs, finite.device)
             out.append(finite[t : t + sizes.shape[0]].repeat_interleave(sizes, output_size=_numel(runs)))
             t += sizes.shape[0]
         return out
@@ -287,20 +291,6 @@ def _leaf_flags(finite: Tensor, segments) -> list[Tensor]:
             t += count
         out.append(torch.cat(parts) if parts else finite.new_ones(0))
     return out
-
-
-_SIZES: dict[tuple, Tensor] = {}
-
-
-def _tensor_sizes(runs, device: torch.device) -> Tensor:
-    """The sizes of the tensors a leaf lays end to end (``runs``, None: the leaf alone), as an
-    int64 tensor on device, made once per layout and device."""
-    key = (tuple(runs) if runs is not None else None, device)
-    sizes = _SIZES.get(key)
-    if sizes is None:
-        numbers = [1] if runs is None else [numel for count, numel in runs for _ in range(count)]
-        sizes = _SIZES[key] = torch.tensor(numbers, dtype=torch.int64, device=device)
-    return sizes
 
 
 def _numel(runs) -> int:

@@ -40,7 +40,7 @@ def use_flat_stepping(factory: Callable[..., Any], takes: Callable[[Rule], bool]
     _FLAT_STEPPING["takes"] = takes
 
 
-def _groups_flat(params: list[Tensor]) -> bool:
+def _params_fit_flat_group(params: list[Tensor]) -> bool:
     """Whether a param group's parameters can step as one flat group with the numbers of the
     per-tensor step: on one accelerator in one dtype (one flat buffer, whose tensors' norms sum
     in the parameters' order), none empty (its norm, 0, takes a place in that sum), none frozen
@@ -168,7 +168,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
             takes is not None
             and self.__dict__.get("_flat_fits", False)
             and not self.defaults.get("differentiable", False)
-            and all(_groups_flat(group["params"]) for group in self.param_groups)
+            and all(_params_fit_flat_group(group["params"]) for group in self.param_groups)
         )
         if fits:
             try:

@@ -318,3 +318,27 @@ def test_draws_made_a_chunk_at_a_time_are_the_per_tensor_draws(chunk):
     _assert_same(ma, oa, mb, ob)
     runs = ob.__dict__["_group_steps"].steppers[0]._segments[0]
     assert len(runs.__dict__["_chunks"][torch.device("cpu")][1]) > 1
+
+
+def test_a_step_over_segmented_and_plain_leaves_flags_each_alike():
+    """``Rule.step(segments=...)`` with one leaf laying tensors end to end and one plain leaf,
+    eager, a tensor's gradient infinite: the same parameters and state as the three tensors
+    stepped as leaves of their own (the plain leaf keeps one finiteness flag)."""
+    from memopt_func import rules
+
+    rule = rules.Adam_C(lr=1e-2, topC=2)
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(n, generator=gen) for n in (32, 64, 32))
+    ga, gb, gc = (torch.randn(t.shape, generator=gen) for t in (a, b, c))
+    gb[3] = float("inf")
+    alone = [a.clone(), b.clone(), c.clone()]
+    state = rule.init(alone)
+    joined = [torch.cat([a, b]), c.clone()]
+    jstate = rule.init(joined)
+    for _ in range(3):
+        with mock.patch.object(_slot_write, "slot_on_host", lambda buf: False):
+            alone, state = rule.step(alone, [ga, gb, gc], state)
+            joined, jstate = rule.step(joined, [torch.cat([ga, gb]), gc], jstate, segments=[((1, 32), (1, 64)), None])
+    assert _same(torch.cat(alone[:2]), joined[0]) and _same(alone[2], joined[1])
+    assert torch.equal(state.critical.keys, jstate.critical.keys)
+    assert _same(torch.cat([state.critical.buf_sum[0], state.critical.buf_sum[1]]), jstate.critical.buf_sum[0])

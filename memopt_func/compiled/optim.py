@@ -34,7 +34,7 @@ class FlatSteps:
         self.steppers: dict[int, Stepper] = {}
         # per group, the state entries (dicts) that ``adopt`` put in ``opt.state``: a step finding
         # other ones there (``opt.state`` cleared, an entry replaced) adopts them afresh
-        self.entries: dict[int, list[tuple[Any, dict]]] = {}
+        self.entries: dict[int, list[tuple[Any, dict, tuple]]] = {}  # (param, entry, its values)
 
     def stepper(self, index: int, group: dict[str, Any]) -> Stepper:
         """The group's stepper, over its parameters that require grad (a frozen one is never
@@ -62,10 +62,10 @@ class FlatSteps:
         self.steppers[index] = stepper
         for p, entry in zip(params, dicts):
             opt.state.setdefault(p, entry)
-        self.adopt(group, stepper)
+        self.adopt(index, group, stepper)
         return stepper
 
-    def adopt(self, group: dict[str, Any], stepper: Stepper) -> None:
+    def adopt(self, index: int, group: dict[str, Any], stepper: Stepper) -> None:
         """Point the per-parameter state entries at the stepper's live state."""
         opt = self.opt
         params, synced = group["params"], opt.groups.synced(stepper.rule)
@@ -76,7 +76,6 @@ class FlatSteps:
         if synced and stepped[0] is not params[0]:
             rows = {k: entries[0].pop(k) for k in row_keys(stepper.per_tensor_state()) if k in entries[0]}
             opt.state[params[0]] = {**opt.state[params[0]], **rows}
-        index = next(i for i, g in enumerate(opt.param_groups) if g is group)
         self.entries[index] = [(p, e, tuple(e.values())) for p in params for e in (opt.state.get(p, {}),)]
 
     def _entries_kept(self, index: int) -> bool:
@@ -135,7 +134,7 @@ class FlatSteps:
             was_flat = stepper.flat
             stepper.step(None, **{name: group[name] for name in stepper.rule.dynamic_names()})
             if stepper.flat != was_flat:  # it now steps tensor by tensor, over state of its own
-                self.adopt(group, stepper)
+                self.adopt(index, group, stepper)
         return loss
 
 
@@ -225,7 +224,7 @@ def compile_optimizer(opt: MemoryOptimizer, *, flat: bool | None = None, cuda_gr
     return twin
 
 
-def _groups_flat(rule) -> bool:
+def _rule_gains_flat_group(rule) -> bool:
     """Whether an eager step on an accelerator steps a group of this rule as one flat group: its
     state lays out flat, and it keeps a critical buffer, whose slot writes would otherwise
     launch kernels per tensor, or rounds state stochastically, whose draws would too (any
@@ -236,6 +235,6 @@ def _groups_flat(rule) -> bool:
     return bool(getattr(rule, "has_buffer", False)) or rule.storage.draws
 
 
-eager.use_flat_stepping(FlatSteps, takes=_groups_flat)
+eager.use_flat_stepping(FlatSteps, takes=_rule_gains_flat_group)
 
 __all__ = ["CompiledOptimizer", "FlatSteps", "compile_optimizer", "Adam_CM", "Adam_C", "RMSprop_C", "SGD_C", "AdEMAMix"]

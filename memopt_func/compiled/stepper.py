@@ -143,9 +143,9 @@ class Stepper:
         # Each per-step hyperparameter lives in a 0-d tensor (a new lr recompiles nothing);
         # grouped, the step takes the values as given, as the eager drop-ins do (a Python float
         # stays a float: the same kernels, the same numbers).
-        self._hyper_as_given = grouped
+        self.grouped = grouped
         self._hyper = {
-            name: rule.hyper[name] if self._hyper_as_given else as_tensor(rule.hyper[name], device, name in ZERO_IS_CONSTANT)
+            name: rule.hyper[name] if grouped else as_tensor(rule.hyper[name], device, name in ZERO_IS_CONSTANT)
             for name in rule.dynamic_names()
         }
         # the plain numbers that the step's hyperparameter tensors hold (None: unknown, e.g. a tensor
@@ -272,7 +272,7 @@ class Stepper:
 
     def set_hyper(self, **per_step: Any) -> None:
         """Set per-step hyperparameters (floats or 0-d tensors) for the following steps."""
-        if self._hyper_as_given:
+        if self.grouped:  # the values as given
             self.rule.resolve(per_step)  # validates names and values
             self._hyper.update(per_step)
             return
@@ -303,7 +303,7 @@ class Stepper:
                 late.append(src)
             elif dst is not src:
                 copies.append((dst, src))
-        if self._hyper_as_given and copies:  # grouped: the small state tensors (keys, counters) in one op
+        if self.grouped and copies:  # grouped: the small state tensors (keys, counters) in one op
             torch._foreach_copy_([d for d, _ in copies], [s for _, s in copies])
         else:
             for dst, src in copies:
